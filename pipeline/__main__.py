@@ -1,0 +1,36 @@
+"""`python -m pipeline <stage>`: the one entry point; each stage is one function in the package.
+
+Snakemake rules and DVC stages call these commands and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> (module, one-line help). Each module has add_arguments(parser) and run(args).
+STAGES = {
+    "prepare-data": ("pipeline.data", "validate a dataset and write the prepared copy training reads"),
+    "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
+    "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
+    "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module, help_) in STAGES.items():
+        stage = sub.add_parser(name, help=help_, description=help_)
+        # Only the chosen stage's module is imported, so `--help` stays fast.
+        if name in argv[:1]:
+            importlib.import_module(module).add_arguments(stage)
+    args = parser.parse_args(argv)
+    importlib.import_module(STAGES[args.stage][0]).run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

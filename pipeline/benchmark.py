@@ -1,0 +1,186 @@
+"""Params, MACs and throughput, measured the same way for every model.
+
+MACs: one counter for every model, torch's FlopCounterMode (matmul, conv, bmm, addmm, attention; FLOPs/2),
+plus GFNet's FFTs with the usual real-FFT cost of 2.5 N log2 N FLOPs per transform of N points.
+Element-wise work (norms, activations, GFNet's complex filter product, pooling) is not counted, as in
+fvcore and the papers' tables.
+
+Throughput: warm-up, then `repeats` rounds; in each round every model runs `iters` batches, in an order
+rotated from round to round, so that all models see the same machine state. Each model's images/s is
+reported as median, min and max over rounds, and each ratio to the reference model is taken per round
+(the two timings of a round are adjacent) and summarised the same way. The paper's protocol is batch 2048
+at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from pipeline.io import load_checkpoint, model_from_checkpoint, write_json
+
+aten = torch.ops.aten
+
+
+def _fft_flops(in_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    real = max(in_shape, out_shape, key=math.prod)  # the real side of an r2c / c2r transform is the longer
+    n_points = math.prod(real[d] for d in dim)
+    return int(2.5 * n_points * math.log2(max(n_points, 2)) * (math.prod(real) // n_points))
+
+
+FFT_FLOPS = {aten._fft_r2c.default: _fft_flops, aten._fft_c2r.default: _fft_flops,
+             aten._fft_c2c.default: _fft_flops}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of one image of `input_shape` (C, H, W)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False, custom_mapping=FFT_FLOPS)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor, warmup: int = 2,
+                       repeats: int = 7, iters: int = 3, progress: bool = True) -> dict[str, list[float]]:
+    """Images/s of each model per round, from one interleaved run (see module docstring)."""
+    device = batch.device
+    autocast = (torch.autocast(device.type, dtype=batch.dtype) if batch.dtype != torch.float32
+                else nullcontext())
+    names = list(models)
+    for model in models.values():
+        model.eval()
+    with autocast:
+        for name in tqdm(names, desc="warm-up", disable=not progress, leave=False):
+            for _ in range(warmup):
+                models[name](batch)
+        _sync(device)
+        samples = {name: [] for name in names}
+        for r in tqdm(range(repeats), desc="throughput rounds", disable=not progress, leave=False):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    models[name](batch)
+                _sync(device)
+                samples[name].append(iters * batch.shape[0] / (time.perf_counter() - start))
+    return samples
+
+
+def benchmark_models(models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int], batch_size: int,
+                     device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
+                     repeats: int = 7, iters: int = 3, reference: str | None = None,
+                     progress: bool = True) -> dict:
+    """Params, MACs and interleaved throughput of several models, as one JSON-ready record."""
+    rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
+    models = {name: m.to(device) for name, m in models.items()}
+    if device.type == "cuda":
+        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
+    batch = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
+    for name, s in samples.items():
+        rows[name]["throughput"] = summarize(s)
+        if reference is not None:
+            rows[name]["ratio_to_reference"] = summarize([a / b for a, b in zip(s, samples[reference],
+                                                                                 strict=True)])
+    return {
+        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
+        "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "reference": reference,
+        "torch": torch.__version__, "timm": timm.__version__, "models": rows,
+    }
+
+
+def build_model(spec: str, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
+    """`name[:form]` from the registry (form: train | deploy | identity | pooling), or a checkpoint path."""
+    if spec.endswith((".pt", ".pth")):
+        model = model_from_checkpoint(load_checkpoint(spec))
+        return timm.utils.reparameterize_model(model)
+    name, _, form = spec.partition(":")
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    if name.startswith("gfnet"):
+        kwargs["img_size"] = img_size
+    if form in ("identity", "pooling"):
+        kwargs["token_mixer"] = form
+    elif form not in ("", "train", "deploy"):
+        raise ValueError(f"{spec}: unknown form {form!r} (train | deploy | identity | pooling)")
+    if name not in timm.list_models():
+        raise ValueError(f"{spec}: unknown model {name!r}; see timm.list_models()")
+    model = timm.create_model(name, **kwargs)
+    return timm.utils.reparameterize_model(model) if form == "deploy" else model
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.protocol == "paper":
+        args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
+    device = torch.device(args.device)
+    models = {spec: build_model(spec, args.num_classes, args.in_chans, args.img_size) for spec in args.models}
+    reference = args.reference or args.models[0]
+    if reference not in models:
+        raise ValueError(f"--reference {reference!r} is not one of --models")
+    result = benchmark_models(models, (args.in_chans, args.img_size, args.img_size), args.batch_size, device,
+                              getattr(torch, args.dtype), args.warmup, args.repeats, args.iters, reference)
+    result["protocol"] = args.protocol
+    write_json(args.out, result)
+    for name, row in result["models"].items():
+        t, r = row["throughput"], row.get("ratio_to_reference")
+        print(f"{name:28s} params {row['params']:>11,d}  MACs {row['macs'] / 1e9:7.3f} G  "
+              f"img/s median {t['median']:9.2f} [{t['min']:.2f}, {t['max']:.2f}]"
+              + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}" if r else ""))
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", required=True,
+                   help="registry names with an optional form, e.g. poolformer_s12 riformer_s12:deploy "
+                        "riformer_s12:train, or checkpoint files (re-parameterized before timing)")
+    p.add_argument("--reference", help="model the throughput ratios are taken against (default: the first)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--iters", type=int, default=2, help="batches per model per round")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the paper does not say fp16 or fp32 (riformer.md Sec. 8); fp32 by default")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--protocol", choices=["custom", "paper"], default="custom",
+                   help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized)")
+    p.add_argument("--out", required=True, help="JSON file to write")

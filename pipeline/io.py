@@ -1,0 +1,76 @@
+"""Atomic file output and model checkpoints.
+
+Every result file is written to a temporary file in the same folder, flushed to disk and renamed over
+the target, so a killed run never leaves a half-written file that looks like a result.
+Checkpoints hold only tensors and plain containers, so they load with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+import pipeline.models  # noqa: F401  (registers the project's models)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by `save_checkpoint`; a truncated or foreign file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a broken zip or pickle
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a pipeline checkpoint (needs 'model' and 'state_dict' keys)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes ({'model': name, 'model_kwargs': {...}}) and load it."""
+    model = timm.create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    return model

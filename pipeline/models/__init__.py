@@ -1,0 +1,10 @@
+"""Importing this package registers every project model in timm's registry.
+
+RIFormer family: riformer_s12/s24/s36/m36/m48, riformer_nano (token_mixer='affine'|'identity'|'pooling'),
+poolformer_nano, poolformer_s9, poolformer_xs12. GFNet family: gfnet_h_ti/h_s/h_b, gfnet_b, gfnet_nano.
+PoolFormer S12..M48 come from timm itself.
+"""
+from . import gfnet, riformer  # noqa: F401  (registration side effect)
+from .riformer import TOKEN_MIXERS, Affine, RIFormer, RIFormerBlock
+
+__all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock"]

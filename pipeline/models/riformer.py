@@ -1,0 +1,211 @@
+"""RIFormer (Wang et al., CVPR 2023), built on timm's MetaFormer so that it shares every key with
+timm's PoolFormer except the affine token mixer.
+
+Training-time block (paper Sec. 3.3, riformer.md Sec. 1):
+    x = x + DropPath(ls1 * Affine(GN1(x))),   Affine(z) = s*z + t - z
+    x = x + DropPath(ls2 * MLP(GN2(x)))
+Deploy-time block, after `timm.utils.reparameterize_model`:
+    x = x + DropPath(ls1 * GN1'(x)),   gamma' = gamma*(s-1),  beta' = beta*(s-1) + t
+i.e. the token mixer is gone ("identity after norm").
+
+`token_mixer` picks the mixer of the same backbone: 'pooling' (PoolFormer), 'identity'
+(token-mixer-free, Table 1; also the deploy form) or 'affine' (RIFormer training form).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import GroupNorm1
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._registry import generate_default_cfgs
+from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling, checkpoint_filter_fn
+
+__all__ = ["Affine", "RIFormer", "RIFormerBlock", "TOKEN_MIXERS"]
+
+
+class Affine(nn.Module):
+    """Per-channel affine token mixer s*z + t - z, a depthwise 1x1 conv with bias minus its input.
+
+    The "- input" follows PoolFormer's pool(z) - z: the block already has a residual.
+    `init` is a choice the paper leaves open (riformer.md Sec. 8): 'identity' starts at s=1, t=0, so the
+    mixer branch starts at zero output, as PoolFormer's pool(z) - z is close to zero on smooth features;
+    'timm' keeps timm's MetaFormer init (truncated normal, std .02, so s close to 0).
+    """
+
+    def __init__(self, dim: int, init: str = "identity", **kwargs):
+        super().__init__()
+        self.affine = nn.Conv2d(dim, dim, kernel_size=1, groups=dim, bias=True)
+        if init not in ("identity", "timm"):
+            raise ValueError(f"affine_init must be 'identity' or 'timm', got {init!r}")
+        self.init = init
+
+    def reset_parameters(self) -> None:
+        if self.init == "identity":
+            nn.init.ones_(self.affine.weight)
+            nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.affine(x) - x
+
+
+class IdentityMixer(nn.Identity):
+    """Token-mixer-free block (Table 1 'Identity'): x + ls1 * GN1(x). Accepts MetaFormer's mixer kwargs."""
+
+    def __init__(self, dim: int = 0, **kwargs):
+        super().__init__()
+
+
+TOKEN_MIXERS = {"pooling": Pooling, "identity": IdentityMixer, "affine": Affine}
+
+
+class RIFormerBlock(MetaFormerBlock):
+    """timm's MetaFormerBlock plus the structural re-parameterization of its affine token mixer."""
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge Affine into norm1 (riformer.md Sec. 1): gamma' = gamma*(s-1), beta' = beta*(s-1) + t."""
+        if not isinstance(self.token_mixer, Affine):
+            return
+        s = self.token_mixer.affine.weight.reshape(-1) - 1.0
+        t = self.token_mixer.affine.bias
+        norm = self.norm1
+        norm.bias.copy_(norm.bias * s + t)
+        norm.weight.copy_(norm.weight * s)
+        self.token_mixer = IdentityMixer()
+
+
+class RIFormer(MetaFormer):
+    """PoolFormer-shaped MetaFormer with a selectable token mixer.
+
+    Args beyond timm's MetaFormer:
+        token_mixer: 'affine' | 'identity' | 'pooling'.
+        affine_init: see `Affine`.
+        stem_stride: 4 (paper: 7x7 conv, stride 4, padding 2) or 2 (3x3 conv, stride 2, padding 1) for the
+            small-input nano variants, so that every stage keeps a grid of at least 2x2 at 28-32 px.
+    """
+
+    def __init__(self, token_mixer: str = "affine", affine_init: str = "identity", stem_stride: int = 4,
+                 in_chans: int = 3, dims=(64, 128, 320, 512), **kwargs):
+        if token_mixer not in TOKEN_MIXERS:
+            raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}")
+        mixer = TOKEN_MIXERS[token_mixer]
+        if token_mixer == "affine":
+            kwargs["init"] = affine_init
+        super().__init__(in_chans=in_chans, dims=dims, token_mixers=mixer, **kwargs)
+        self.token_mixer = token_mixer
+        # timm's MetaFormerStage hard-codes its block class; RIFormerBlock only adds reparameterize().
+        for module in self.modules():
+            if type(module) is MetaFormerBlock:
+                module.__class__ = RIFormerBlock
+            if isinstance(module, Affine):
+                module.reset_parameters()
+        if stem_stride == 2:
+            self.stem.conv = nn.Conv2d(in_chans, dims[0], kernel_size=3, stride=2, padding=1)
+            self._init_weights(self.stem.conv)
+            for i, info in enumerate(self.feature_info):
+                info["reduction"] = 2 ** (i + 1)
+        elif stem_stride != 4:
+            raise ValueError(f"stem_stride must be 4 or 2, got {stem_stride}")
+
+    def blocks(self) -> list[RIFormerBlock]:
+        """All blocks in order; module imitation picks from this list."""
+        return [blk for stage in self.stages for blk in stage.blocks]
+
+
+def _cfg(**kwargs):
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "riformer_s12.untrained": _cfg(),
+    "riformer_s24.untrained": _cfg(),
+    "riformer_s36.untrained": _cfg(),
+    "riformer_m36.untrained": _cfg(),
+    "riformer_m48.untrained": _cfg(),
+    "riformer_nano.untrained": _cfg(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0),
+    "poolformer_nano.untrained": _cfg(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0),
+    "poolformer_s9.untrained": _cfg(),
+    "poolformer_xs12.untrained": _cfg(),
+})
+
+# PoolFormer v1 shape (riformer.md Sec. 1): GN(1) norm, GELU MLP with bias, no norm in stem/downsampling.
+_POOLFORMER_V1 = dict(downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True, norm_layers=GroupNorm1,
+                      res_scale_init_values=None, use_mlp_head=False)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RIFormer:
+    kwargs = {**_POOLFORMER_V1, **kwargs}
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    return build_model_with_cfg(
+        RIFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
+
+
+S_DIMS, M_DIMS = (64, 128, 320, 512), (96, 192, 384, 768)
+
+
+@register_model
+def riformer_s12(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_s12", pretrained, depths=(2, 2, 6, 2), dims=S_DIMS,
+                   layer_scale_init_values=1e-5, **kwargs)
+
+
+@register_model
+def riformer_s24(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_s24", pretrained, depths=(4, 4, 12, 4), dims=S_DIMS,
+                   layer_scale_init_values=1e-5, **kwargs)
+
+
+@register_model
+def riformer_s36(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_s36", pretrained, depths=(6, 6, 18, 6), dims=S_DIMS,
+                   layer_scale_init_values=1e-6, **kwargs)
+
+
+@register_model
+def riformer_m36(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_m36", pretrained, depths=(6, 6, 18, 6), dims=M_DIMS,
+                   layer_scale_init_values=1e-6, **kwargs)
+
+
+@register_model
+def riformer_m48(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_m48", pretrained, depths=(8, 8, 24, 8), dims=M_DIMS,
+                   layer_scale_init_values=1e-6, **kwargs)
+
+
+# Small-input variant for the embedded 28x28 (padded to 32x32) data: S12's 2/2/6/2 block structure, so
+# module imitation matches the same blocks; stem stride 2 gives stage grids 16, 8, 4, 2 at 32 px.
+NANO = dict(depths=(2, 2, 6, 2), dims=(32, 64, 128, 256), stem_stride=2, in_chans=1,
+            layer_scale_init_values=1e-5)
+
+
+@register_model
+def riformer_nano(pretrained=False, **kwargs) -> RIFormer:
+    return _create("riformer_nano", pretrained, **{**NANO, **kwargs})
+
+
+@register_model
+def poolformer_nano(pretrained=False, **kwargs) -> RIFormer:
+    """The nano backbone with PoolFormer's pooling mixer: same keys as timm's poolformer_* family."""
+    return _create("poolformer_nano", pretrained, **{**NANO, "token_mixer": "pooling", **kwargs})
+
+
+# Table 8 baselines. The paper does not give their shapes (riformer.md Sec. 6); these are our choices,
+# made so that the compute cut roughly matches the throughput ratios of the paper (S9: 1.21x, XS12: 1.15x
+# PoolFormer-S12 on an A100): S9 drops 3 of the 6 stage-3 blocks; XS12 narrows every stage by ~12%.
+@register_model
+def poolformer_s9(pretrained=False, **kwargs) -> RIFormer:
+    return _create("poolformer_s9", pretrained, depths=(2, 2, 3, 2), dims=S_DIMS, token_mixer="pooling",
+                   layer_scale_init_values=1e-5, **kwargs)
+
+
+@register_model
+def poolformer_xs12(pretrained=False, **kwargs) -> RIFormer:
+    return _create("poolformer_xs12", pretrained, depths=(2, 2, 6, 2), dims=(56, 112, 280, 448),
+                   token_mixer="pooling", layer_scale_init_values=1e-5, **kwargs)

@@ -1,0 +1,77 @@
+"""`python -m pipeline reparameterize`: training checkpoint -> deploy checkpoint + equivalence JSON.
+
+The merge itself is `timm.utils.reparameterize_model` (RIFormerBlock.reparameterize, riformer.md Sec. 1).
+The deploy checkpoint describes the identity-mixer model (`token_mixer='identity'`), whose keys are
+PoolFormer's, and the JSON records the max |logit difference| between the two forms on real test images.
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+
+from pipeline.benchmark import count_params
+from pipeline.data import build_loader, load_prepared
+from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
+
+
+@torch.no_grad()
+def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, batches) -> dict:
+    a.eval()
+    b.eval()
+    diff, scale, n = 0.0, 0.0, 0
+    for images, _ in batches:
+        la, lb = a(images), b(images)
+        diff = max(diff, (la - lb).abs().max().item())
+        scale = max(scale, la.abs().max().item())
+        n += len(images)
+    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "num_images": n}
+
+
+def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(training model, deploy model, deploy checkpoint) for a training checkpoint."""
+    model = model_from_checkpoint(ckpt)
+    deploy = timm.utils.reparameterize_model(model)
+    kwargs = dict(ckpt.get("model_kwargs", {}))
+    if ckpt["model"].startswith("riformer"):
+        kwargs["token_mixer"] = "identity" if kwargs.get("token_mixer", "affine") == "affine" \
+            else kwargs["token_mixer"]
+    deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("model", "config", "data_hash", "metrics", "run_id")}
+    deploy_ckpt.update(model=ckpt["model"], model_kwargs=kwargs, state_dict=deploy.state_dict())
+    # The deploy state dict must load into the identity-mixer model: check it here, not at evaluation time.
+    model_from_checkpoint(deploy_ckpt)
+    return model, deploy, deploy_ckpt
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
+    prepared = load_prepared(args.data)
+    img_size = ckpt.get("config", {}).get("img_size", args.img_size)
+    batches = build_loader(prepared, "test", args.batch_size, img_size, train=False, limit=args.num_images)
+    result = max_logit_difference(model, deploy, batches)
+    result.update(checkpoint=str(args.checkpoint), model=ckpt["model"], params_train=count_params(model),
+                  params_deploy=count_params(deploy), data_hash=prepared.data_hash,
+                  affine_modules_left=sum(type(m).__name__ == "Affine" for m in deploy.modules()))
+    if result["max_abs_logit_diff"] > args.tolerance:
+        raise RuntimeError(f"{args.checkpoint}: re-parameterization changed the logits by "
+                           f"{result['max_abs_logit_diff']:.3g} > tolerance {args.tolerance}")
+    save_checkpoint(args.out, deploy_ckpt)
+    write_json(args.report, result)
+    print(f"{ckpt['model']}: params {result['params_train']:,} -> {result['params_deploy']:,}, max |logit diff| "
+          f"{result['max_abs_logit_diff']:.2e} on {result['num_images']} test images -> {args.out}")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (python -m pipeline train)")
+    p.add_argument("--data", required=True, help="prepared dataset folder; its test split is the input")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=32, help="used when the checkpoint's config has none")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |logit difference| (fp32)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", required=True, help="deploy checkpoint to write")
+    p.add_argument("--report", required=True, help="JSON with the measured difference")

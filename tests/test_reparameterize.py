@@ -1,0 +1,77 @@
+"""Structural re-parameterization is exact (issue 2, Sec. 3)."""
+import json
+
+import pytest
+import timm
+import torch
+
+import pipeline.models  # noqa: F401
+from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.models import Affine, RIFormerBlock
+
+
+def randomize(model, seed=0):
+    """Random affine, norm and LayerScale parameters: initial values (s=1, t=0, gamma=1) hide wrong formulas."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("token_mixer", "norm", "layer_scale")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (0.5 if name.endswith("weight") else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("name", ["riformer_s12", "riformer_s24", "riformer_s36", "riformer_m36", "riformer_m48",
+                                  "riformer_nano"])
+def test_randomized_equivalence(name):
+    model = randomize(timm.create_model(name, num_classes=10)).eval()
+    deploy = timm.utils.reparameterize_model(model)
+    assert not any(isinstance(m, Affine) for m in deploy.modules())
+    assert any(isinstance(m, Affine) for m in model.modules())  # the original is left untouched
+    size = 32 if name.endswith("nano") else 64
+    x = torch.randn(4, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(x), deploy(x)
+    assert ref.abs().max() > 1e-2  # the randomized model gives non-trivial logits
+    assert (ref - out).abs().max().item() <= 1e-4
+    # the deploy state dict loads into the identity-mixer model and gives the same logits
+    identity = timm.create_model(name, num_classes=10, token_mixer="identity").eval()
+    identity.load_state_dict(deploy.state_dict())
+    with torch.no_grad():
+        assert (identity(x) - ref).abs().max().item() <= 1e-4
+
+
+def test_merge_formula_on_one_block():
+    block = randomize(timm.create_model("riformer_nano")).blocks()[0]
+    assert isinstance(block, RIFormerBlock)
+    gamma, beta = block.norm1.weight.clone(), block.norm1.bias.clone()
+    s, t = block.token_mixer.affine.weight.flatten().clone(), block.token_mixer.affine.bias.clone()
+    block.reparameterize()
+    torch.testing.assert_close(block.norm1.weight, gamma * (s - 1))
+    torch.testing.assert_close(block.norm1.bias, beta * (s - 1) + t)
+
+
+def test_reparameterize_stage_on_real_images(small_fashion_mnist, tmp_path):
+    from pipeline.__main__ import main
+
+    model = randomize(timm.create_model("riformer_nano", num_classes=10, in_chans=1))
+    ckpt = tmp_path / "train.pt"
+    save_checkpoint(ckpt, {"model": "riformer_nano", "model_kwargs": {"num_classes": 10, "in_chans": 1},
+                           "state_dict": model.state_dict(), "config": {"img_size": 32}})
+    main(["reparameterize", "--checkpoint", str(ckpt), "--data", str(small_fashion_mnist),
+          "--out", str(tmp_path / "deploy.pt"), "--report", str(tmp_path / "reparam.json")])
+    report = json.loads((tmp_path / "reparam.json").read_text())
+    assert report["num_images"] == 200
+    assert 0 <= report["max_abs_logit_diff"] <= 1e-4
+    assert report["params_train"] - report["params_deploy"] == 2 * sum(
+        b.norm1.weight.numel() for b in model.blocks())
+    assert report["affine_modules_left"] == 0
+    deploy = load_checkpoint(tmp_path / "deploy.pt")
+    assert deploy["model_kwargs"]["token_mixer"] == "identity"
+    assert not any(isinstance(m, Affine) for m in model_from_checkpoint(deploy).modules())
+
+
+def test_broken_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
