@@ -11,6 +11,7 @@ import sys
 # stage name -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 STAGES = {
     "prepare-data": ("pipeline.data", "validate a dataset and write the prepared copy training reads"),
+    "train": ("pipeline.train", "train a teacher or a student variant (one training loop for both)"),
     "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),

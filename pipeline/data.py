@@ -193,14 +193,14 @@ def _hash_tensors(*tensors: torch.Tensor) -> str:
 
 def prepare(source: str, out: str | os.PathLike, raw_dir: str | None = None, root: str | None = None,
             train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-            check_images: bool = True) -> dict:
+            check_images: bool = True, verify: bool = True) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
         if source == "fashion-mnist":
-            splits = load_fashion_mnist(raw_dir)
+            splits = load_fashion_mnist(raw_dir, verify)
             tensors = []
             counts = {}
             for split, n in (("train", train_subset), ("test", test_subset)):
@@ -377,7 +377,8 @@ def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, work
 # ----------------------------------------------------------------------------------------------------- CLI
 def run(args: argparse.Namespace) -> dict:
     meta = prepare(args.source, args.out, raw_dir=args.raw_dir, root=args.root, train_subset=args.train_subset,
-                   test_subset=args.test_subset, seed=args.seed, check_images=not args.skip_image_check)
+                   test_subset=args.test_subset, seed=args.seed, check_images=not args.skip_image_check,
+                   verify=not args.no_verify)
     print(f"prepared {meta['source']}: {meta['counts']} -> {args.out} (data_hash {meta['data_hash'][:12]})")
     return meta
 
@@ -389,5 +390,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, help="class-balanced subset of the training split")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of the test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the Fashion-MNIST checksums (other data in the same IDX format)")
     p.add_argument("--skip-image-check", action="store_true", help="do not open every image while validating")
     p.add_argument("--out", required=True, help="prepared dataset folder to write")

@@ -5,7 +5,7 @@ import torch
 
 import pipeline.models  # noqa: F401
 from pipeline.benchmark import count_params
-from pipeline.models import Affine
+from pipeline.models import Affine, metaformer_blocks
 
 # riformer.md Sec. 1: deploy RIFormer = PoolFormer; training form adds 2*C per block.
 DEPLOY_PARAMS = {"s12": 11_915_176, "s24": 21_388_968, "s36": 30_862_760, "m36": 56_172_520, "m48": 73_473_448}
@@ -49,7 +49,7 @@ def test_gfnet_rejects_input_size_its_filters_do_not_fit():
 @pytest.mark.parametrize("mixer,cls", [("pooling", "Pooling"), ("identity", "IdentityMixer"), ("affine", "Affine")])
 def test_token_mixer_choice(mixer, cls):
     model = timm.create_model("riformer_nano", token_mixer=mixer)
-    mixers = {type(b.token_mixer).__name__ for b in model.blocks()}
+    mixers = {type(b.token_mixer).__name__ for b in metaformer_blocks(model)}
     assert mixers == {cls}
     with pytest.raises(ValueError, match="token_mixer must be one of"):
         timm.create_model("riformer_nano", token_mixer="attention")

@@ -5,6 +5,6 @@ poolformer_nano, poolformer_s9, poolformer_xs12. GFNet family: gfnet_h_ti/h_s/h_
 PoolFormer S12..M48 come from timm itself.
 """
 from . import gfnet, riformer  # noqa: F401  (registration side effect)
-from .riformer import TOKEN_MIXERS, Affine, RIFormer, RIFormerBlock
+from .riformer import TOKEN_MIXERS, Affine, RIFormer, RIFormerBlock, metaformer_blocks
 
-__all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock"]
+__all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock", "metaformer_blocks"]

@@ -21,7 +21,7 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
 from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling, checkpoint_filter_fn
 
-__all__ = ["Affine", "RIFormer", "RIFormerBlock", "TOKEN_MIXERS"]
+__all__ = ["Affine", "RIFormer", "RIFormerBlock", "TOKEN_MIXERS", "metaformer_blocks"]
 
 
 class Affine(nn.Module):
@@ -108,9 +108,10 @@ class RIFormer(MetaFormer):
         elif stem_stride != 4:
             raise ValueError(f"stem_stride must be 4 or 2, got {stem_stride}")
 
-    def blocks(self) -> list[RIFormerBlock]:
-        """All blocks in order; module imitation picks from this list."""
-        return [blk for stage in self.stages for blk in stage.blocks]
+
+def metaformer_blocks(model: MetaFormer) -> list[MetaFormerBlock]:
+    """All blocks of a MetaFormer (RIFormer or timm's PoolFormer) in order; module imitation picks from these."""
+    return [blk for stage in model.stages for blk in stage.blocks]
 
 
 def _cfg(**kwargs):
@@ -181,7 +182,7 @@ def riformer_m48(pretrained=False, **kwargs) -> RIFormer:
 
 # Small-input variant for the embedded 28x28 (padded to 32x32) data: S12's 2/2/6/2 block structure, so
 # module imitation matches the same blocks; stem stride 2 gives stage grids 16, 8, 4, 2 at 32 px.
-NANO = dict(depths=(2, 2, 6, 2), dims=(32, 64, 128, 256), stem_stride=2, in_chans=1,
+NANO = dict(depths=(2, 2, 6, 2), dims=(16, 32, 64, 128), stem_stride=2, in_chans=1,
             layer_scale_init_values=1e-5)
 
 

@@ -1,0 +1,144 @@
+"""Distillation and module-imitation losses (riformer.md Sec. 3).
+
+`DistillationLoss` follows DeiT's losses.py: one switch for none / hard / soft, alpha and tau.
+`ModuleImitation` hooks matched blocks of the student and its same-shape PoolFormer teacher and returns
+L'_in (block outputs), L_out (token-mixer outputs) and L_rel (token-relation matrices of the mixer outputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.models import metaformer_blocks
+
+
+class DistillationLoss(nn.Module):
+    """total = (1 - alpha) * CE(labels) + alpha * KD; without labels the CE term is dropped (alpha = 1).
+
+    soft: KL(log_softmax(s/tau) || log_softmax(t/tau)), summed, * tau^2 / numel(logits) (DeiT's normalisation)
+    hard: CE against the teacher's argmax.
+    """
+
+    def __init__(self, base_criterion: nn.Module, kd_type: str = "none", alpha: float = 0.5, tau: float = 1.0,
+                 labels: bool = True):
+        super().__init__()
+        if kd_type not in ("none", "hard", "soft"):
+            raise ValueError(f"kd_type must be none, hard or soft, got {kd_type!r}")
+        self.base_criterion, self.kd_type, self.tau, self.labels = base_criterion, kd_type, tau, labels
+        self.alpha = alpha if labels else 1.0
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        terms = {}
+        if self.labels:
+            terms["ce"] = self.base_criterion(outputs, targets)
+        if self.kd_type == "none":
+            return terms
+        if self.kd_type == "soft":
+            t = self.tau
+            kd = F.kl_div(F.log_softmax(outputs / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                          reduction="sum", log_target=True) * (t * t) / outputs.numel()
+        else:
+            kd = F.cross_entropy(outputs, teacher_logits.argmax(dim=1))
+        if self.labels:
+            terms["ce"] = terms["ce"] * (1 - self.alpha)
+        terms[f"kd_{self.kd_type}"] = kd * self.alpha
+        return terms
+
+
+def default_blocks(depths: list[int], layers: int) -> list[int]:
+    """Which blocks module imitation matches (an open point of the paper, riformer.md Sec. 8).
+
+    4: the last block of each stage (one per stage); 6: every second block (for 2/2/6/2: 1, 3, 5, 7, 9, 11).
+    """
+    ends = [sum(depths[: i + 1]) - 1 for i in range(len(depths))]
+    if layers == 4:
+        return ends
+    if layers == 6:
+        return list(range(1, sum(depths), 2))[:6]
+    raise ValueError(f"layers must be 4 or 6, got {layers}")
+
+
+def token_relation(x: torch.Tensor) -> torch.Tensor:
+    """R(T) = T~ T~^T with T~ the tokens (B, HW, C) normalised along channels: (B, HW, HW)."""
+    tokens = F.normalize(x.flatten(2).transpose(1, 2), dim=-1)
+    return tokens @ tokens.transpose(1, 2)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="sum") / a.shape[0]  # sample_sum
+
+
+class _Capture:
+    """Forward hooks that keep each hooked block's output and its token mixer's output."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.block_out: list[torch.Tensor | None] = [None] * len(blocks)
+        self.mixer_out: list[torch.Tensor | None] = [None] * len(blocks)
+        self.handles = []
+        for i, blk in enumerate(blocks):
+            self.handles.append(blk.register_forward_hook(self._store(self.block_out, i)))
+            self.handles.append(blk.token_mixer.register_forward_hook(self._store(self.mixer_out, i)))
+
+    @staticmethod
+    def _store(target, i):
+        def hook(module, inputs, output):
+            target[i] = output
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class ModuleImitation:
+    """Block-wise imitation of a same-shape teacher (RIFormer Sec. 3.4).
+
+    L'_in = MSE(student block output, teacher block output)
+    L_out = MSE(student token-mixer output, teacher token-mixer output), both with their "- input" term
+    L_rel = MSE(R(student mixer output), R(teacher mixer output))
+    Each term has its lambda and a window: it is on for the first `feat_steps` / `rel_steps` optimizer
+    steps, i.e. the first fraction of the run (80/120 and 20/120 epochs in the paper), at any run length.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, blocks: list[int], lambda_in: float,
+                 lambda_out: float, lambda_rel: float, feat_steps: int, rel_steps: int,
+                 feature_reduction: str = "sample_sum", rel_reduction: str = "mean"):
+        s_blocks, t_blocks = metaformer_blocks(student), metaformer_blocks(teacher)
+        if len(s_blocks) != len(t_blocks):
+            raise ValueError(f"module imitation needs the same block structure: student has {len(s_blocks)} "
+                             f"blocks, teacher {len(t_blocks)}")
+        bad = [b for b in blocks if not 0 <= b < len(s_blocks)]
+        if bad:
+            raise ValueError(f"module-imitation blocks {bad} out of range for {len(s_blocks)} blocks")
+        self.blocks = list(blocks)
+        self.student = _Capture([s_blocks[i] for i in blocks])
+        self.teacher = _Capture([t_blocks[i] for i in blocks])
+        self.lambdas = {"mi_in": lambda_in, "mi_out": lambda_out, "mi_rel": lambda_rel}
+        self.windows = {"mi_in": feat_steps, "mi_out": feat_steps, "mi_rel": rel_steps}
+        self.feature_reduction, self.rel_reduction = feature_reduction, rel_reduction
+
+    def active(self, step: int) -> dict[str, bool]:
+        return {k: self.lambdas[k] > 0 and step < self.windows[k] for k in self.lambdas}
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        """The weighted terms active at optimizer step `step` (0-based), from the last forward passes."""
+        on = self.active(step)
+        terms = {}
+        if on["mi_in"]:
+            terms["mi_in"] = sum(_mse(s, t, self.feature_reduction)
+                                 for s, t in zip(self.student.block_out, self.teacher.block_out, strict=True))
+        if on["mi_out"]:
+            terms["mi_out"] = sum(_mse(s, t, self.feature_reduction)
+                                  for s, t in zip(self.student.mixer_out, self.teacher.mixer_out, strict=True))
+        if on["mi_rel"]:
+            terms["mi_rel"] = sum(_mse(token_relation(s), token_relation(t), self.rel_reduction)
+                                  for s, t in zip(self.student.mixer_out, self.teacher.mixer_out, strict=True))
+        return {k: v * self.lambdas[k] for k, v in terms.items()}
+
+    def remove(self):
+        self.student.remove()
+        self.teacher.remove()

@@ -1,0 +1,150 @@
+"""Dataset preparation: checksums, bad input with clear errors, nothing half-written (issue 3, Sec. 1)."""
+import gzip
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, build_loader, load_prepared, prepare
+
+
+def write_idx(path, array: torch.Tensor, compress=True):
+    data = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + \
+        array.to(torch.uint8).numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return data
+
+
+def fake_idx_dir(tmp_path, n_train=20, n_test=10, n_train_labels=None):
+    d = tmp_path / "raw"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    write_idx(d / "train-images-idx3-ubyte.gz", torch.randint(0, 255, (n_train, 28, 28), generator=g))
+    write_idx(d / "train-labels-idx1-ubyte.gz", torch.arange(n_train_labels or n_train) % 10)
+    write_idx(d / "t10k-images-idx3-ubyte.gz", torch.randint(0, 255, (n_test, 28, 28), generator=g))
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", torch.arange(n_test) % 10)
+    return d
+
+
+def test_prepared_fashion_mnist(small_fashion_mnist):
+    prepared = load_prepared(small_fashion_mnist)
+    assert prepared.meta["counts"] == {"train": 500, "test": 200}
+    assert len(prepared.data_hash) == 64
+    images, labels = prepared.split("train")
+    assert images.dtype == torch.uint8 and images.shape == (500, 28, 28)
+    assert torch.bincount(labels).tolist() == [50] * 10  # class-balanced subset
+    x, y = next(iter(build_loader(prepared, "test", 64, 32, train=False)))
+    assert x.shape == (64, 1, 32, 32) and y.shape == (64,)
+
+
+def test_same_input_same_hash_and_subset_changes_it(tmp_path, small_fashion_mnist):
+    again = prepare("fashion-mnist", tmp_path / "again", train_subset=500, test_subset=200)
+    assert again["data_hash"] == load_prepared(small_fashion_mnist).data_hash
+    other = prepare("fashion-mnist", tmp_path / "other", train_subset=400, test_subset=200)
+    assert other["data_hash"] != again["data_hash"]
+
+
+def test_checksum_mismatch_names_the_file(tmp_path):
+    d = tmp_path / "raw"
+    shutil.copytree(DEBIAN_FASHION_MNIST, d)
+    labels = gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:-1] + bytes([(labels[-1] + 1) % 10])))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(d))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(tmp_path / "nowhere"))
+
+
+def test_truncated_gzip(tmp_path):
+    d = fake_idx_dir(tmp_path)
+    gz = (d / "train-images-idx3-ubyte.gz").read_bytes()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: corrupt or truncated gzip"):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(d), verify=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left behind
+
+
+def test_truncated_idx(tmp_path):
+    d = fake_idx_dir(tmp_path)
+    data = gzip.decompress((d / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (d / "t10k-images-idx3-ubyte.gz").unlink()
+    (d / "t10k-images-idx3-ubyte").write_bytes(data[:-100])  # uncompressed files are accepted too
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated or padded IDX file"):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(d), verify=False)
+
+
+def test_label_count_differs_from_image_count(tmp_path):
+    d = fake_idx_dir(tmp_path, n_train=20, n_train_labels=19)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: 19 labels for 20 images"):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(d), verify=False)
+
+
+def test_failed_prepare_leaves_an_existing_output_untouched(tmp_path):
+    good = fake_idx_dir(tmp_path)
+    prepare("fashion-mnist", tmp_path / "out", raw_dir=str(good), verify=False)
+    before = (tmp_path / "out" / "meta.json").read_text()
+    (good / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
+    with pytest.raises(DataError):
+        prepare("fashion-mnist", tmp_path / "out", raw_dir=str(good), verify=False)
+    assert (tmp_path / "out" / "meta.json").read_text() == before
+
+
+def make_imagefolder(root, classes=("cat", "dog"), per_class=3):
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40, 36), (i * 40, 10, 200)).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+def test_imagefolder_index_and_loader(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs")
+    meta = prepare("imagefolder", tmp_path / "out", root=str(root))
+    assert meta["classes"] == ["cat", "dog"] and meta["counts"] == {"train": 6, "test": 6}
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["train"][0] == ["train/cat/0.jpg", 0]
+    loader = build_loader(load_prepared(tmp_path / "out"), "train", 2, 32, train=True)
+    x, y = next(iter(loader))  # images read through timm's create_transform
+    assert x.shape == (2, 3, 32, 32)
+
+
+def test_imagefolder_empty_class_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs")
+    for f in (root / "val" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"val/dog: empty class folder"):
+        prepare("imagefolder", tmp_path / "out", root=str(root))
+
+
+def test_imagefolder_unreadable_images_are_named(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs")
+    (root / "train" / "cat" / "1.jpg").write_bytes(b"not an image")
+    (root / "val" / "dog" / "2.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        prepare("imagefolder", tmp_path / "out", root=str(root))
+    assert "train/cat/1.jpg: unreadable image" in str(e.value)
+    assert "val/dog/2.jpg: unreadable image" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagefolder_class_lists_must_match(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs")
+    (root / "val" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "bird" / "0.jpg")
+    with pytest.raises(DataError, match=r"only in val \['bird'\]"):
+        prepare("imagefolder", tmp_path / "out", root=str(root))
+
+
+def test_debian_files_are_what_the_checksums_describe():
+    # the embedded default data is installed by `make setup`
+    for name in FASHION_MNIST_FILES:
+        assert (DEBIAN_FASHION_MNIST / f"{name}.gz").is_file()

@@ -1,0 +1,157 @@
+"""The training engine: learning, reproducibility, resume after SIGKILL, MLflow, teachers, partial loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import tiny_config
+from mlflow.tracking import MlflowClient
+
+import pipeline.models  # noqa: F401
+from pipeline.io import save_checkpoint
+from pipeline.train import NonFiniteLossError, init_from_file, partial_load, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_short_run_learns_and_logs_to_mlflow(small_fashion_mnist, tmp_path, mlflow_store):
+    cfg = tiny_config(small_fashion_mnist, name="learns", tables=["T1"], optim__epochs=3, optim__lr=2e-3)
+    metrics = train(cfg, tmp_path / "run", experiment="test-train", progress=False)
+    assert metrics["test_top1"] > 40.0  # chance is 10%
+    # checkpoints load with weights_only=True
+    for f in ("checkpoint.pt", "model.pt"):
+        torch.load(tmp_path / "run" / f, weights_only=True)
+    run = MlflowClient(mlflow_store).get_run(metrics["run_id"])
+    assert run.info.status == "FINISHED"
+    for tag in ("table", "variant", "role", "git_commit", "git_dirty", "data_hash", "torch", "timm", "device"):
+        assert tag in run.data.tags, tag
+    assert run.data.tags["table"] == "T1" and run.data.tags["variant"] == "learns"
+    history = MlflowClient(mlflow_store).get_metric_history(metrics["run_id"], "test/top1")
+    assert [m.step for m in history] == [1, 2, 3]
+    for key in ("train/ce", "lr", "train/top1", "test/top5", "epoch_time_s", "train/images_per_s"):
+        assert key in run.data.metrics, key
+    assert run.data.params["optim.epochs"] == "3"
+    assert run.inputs.dataset_inputs[0].dataset.digest == metrics["data_hash"][:32]
+    artifacts = {a.path for a in MlflowClient(mlflow_store).list_artifacts(metrics["run_id"])}
+    assert {"config.yaml", "metrics.json"} <= artifacts
+
+
+def test_same_seed_same_metrics(small_fashion_mnist, tmp_path):
+    cfg = tiny_config(small_fashion_mnist, name="seeded", model_kwargs={"drop_path_rate": 0.1})
+    a = train(cfg, tmp_path / "a", experiment="test-train", progress=False)
+    b = train(cfg, tmp_path / "b", experiment="test-train", progress=False)
+    assert a["test_top1"] == b["test_top1"]
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert ha[0]["train/loss"] == hb[0]["train/loss"]
+
+
+def _train_cmd(config_path, out):
+    return [sys.executable, "-m", "pipeline", "train", "--config", str(config_path), "--out", str(out),
+            "--no-progress", "--experiment", "test-resume"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_fashion_mnist, tmp_path):
+    config = tiny_config(small_fashion_mnist, name="resume", optim__epochs=3, model_kwargs={"drop_path_rate": 0.1},
+                         data__batch_size=25).to_dict()
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_train_cmd(config_path, tmp_path / "full"), check=True, env=env, cwd=REPO,
+                   capture_output=True)
+    # the same command, killed with SIGKILL in the middle of epoch 2
+    proc = subprocess.Popen(_train_cmd(config_path, tmp_path / "killed"), env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0  # only epoch 1 had finished
+    resumed = subprocess.run(_train_cmd(config_path, tmp_path / "killed"), check=True, env=env, cwd=REPO,
+                             capture_output=True, text=True)
+    assert "resuming after epoch 1 of 3" in resumed.stdout
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    again = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert again["test_top1"] == full["test_top1"] and again["test_top5"] == full["test_top5"]
+    h_full = json.loads((tmp_path / "full" / "history.json").read_text())
+    h_again = json.loads((tmp_path / "killed" / "history.json").read_text())
+    assert [r["train/loss"] for r in h_again] == [r["train/loss"] for r in h_full]
+
+
+def test_non_finite_loss_fails_the_run(small_fashion_mnist, tmp_path, mlflow_store, monkeypatch):
+    from pipeline import losses
+
+    def nan_loss(self, outputs, targets, teacher_logits=None):
+        return {"ce": outputs.sum() * float("nan")}
+
+    monkeypatch.setattr(losses.DistillationLoss, "forward", nan_loss)
+    cfg = tiny_config(small_fashion_mnist, name="diverges")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at epoch 1, step 1"):
+        train(cfg, tmp_path / "run", experiment="test-nan", progress=False)
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("test-nan")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs[0].info.status == "FAILED" and "non-finite" in runs[0].data.tags["error"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_fine_tune_from_a_local_file_gets_a_new_head(tmp_path):
+    pretrained = timm.create_model("poolformer_nano", num_classes=1000, in_chans=1)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")  # a plain state dict, as timm ships
+    model = timm.create_model("poolformer_nano", num_classes=10, in_chans=1)
+    log = init_from_file(model, str(tmp_path / "pretrained.pth"))
+    assert log["head_reset"] and model.head.fc.weight.shape == (10, 128)
+    for k, v in model.state_dict().items():
+        if not k.startswith("head.fc"):
+            torch.testing.assert_close(v, pretrained.state_dict()[k])
+    # a pipeline checkpoint of the same class count keeps its head
+    teacher = timm.create_model("poolformer_nano", num_classes=10, in_chans=1)
+    save_checkpoint(tmp_path / "teacher.pt", {"model": "poolformer_nano", "state_dict": teacher.state_dict(),
+                                              "model_kwargs": {"num_classes": 10, "in_chans": 1}})
+    student = timm.create_model("poolformer_nano", num_classes=10, in_chans=1)
+    assert not init_from_file(student, str(tmp_path / "teacher.pt"))["head_reset"]
+    torch.testing.assert_close(student.head.fc.weight, teacher.head.fc.weight)
+
+
+def test_partial_loading_copies_every_key_but_the_affine():
+    teacher = timm.create_model("poolformer_nano", num_classes=10, in_chans=1)
+    student = timm.create_model("riformer_nano", num_classes=10, in_chans=1)
+    log = partial_load(student, teacher.state_dict())
+    assert log["skipped"] and all(".token_mixer.affine." in k for k in log["skipped"])
+    assert set(log["loaded"]) == set(teacher.state_dict()) and not log["unused"]
+    for k in log["loaded"]:
+        torch.testing.assert_close(student.state_dict()[k], teacher.state_dict()[k])
+    wide = timm.create_model("poolformer_nano", num_classes=10, in_chans=1, dims=(24, 48, 96, 192))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        partial_load(student, wide.state_dict())
+
+
+def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path):
+    """Soft KD without labels from a GFNet, module imitation of a PoolFormer, partial init (the final recipe)."""
+    for name, model in (("gfnet", "gfnet_nano"), ("pool", "poolformer_nano")):
+        cfg = tiny_config(small_fashion_mnist, name=name, role="teacher", model=model, data__train_limit=100)
+        train(cfg, tmp_path / name, experiment="test-train", progress=False)
+    cfg = tiny_config(small_fashion_mnist, name="final", model="riformer_nano", optim__epochs=2,
+                      partial_init=str(tmp_path / "pool" / "model.pt"),
+                      kd={"type": "soft", "labels": False, "teacher": str(tmp_path / "gfnet" / "model.pt")},
+                      mi={"teacher": str(tmp_path / "pool" / "model.pt"), "lambda_in": 1e-4, "lambda_out": 1e-3,
+                          "lambda_rel": 1.0, "feat_frac": 0.5, "rel_frac": 0.25})
+    train(cfg, tmp_path / "final", experiment="test-train", progress=False)
+    history = json.loads((tmp_path / "final" / "history.json").read_text())
+    first, second = history
+    assert "train/ce" not in first  # without labels
+    for term in ("train/kd_soft", "train/mi_in", "train/mi_out", "train/mi_rel"):
+        assert first[term] > 0, term
+    assert "train/mi_rel" not in second and "train/mi_in" not in second  # windows closed in epoch 2
