@@ -13,8 +13,12 @@ STAGES = {
     "prepare-data": ("pipeline.data", "validate a dataset and write the prepared copy training reads"),
     "train": ("pipeline.train", "train a teacher or a student variant (one training loop for both)"),
     "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
+    "evaluate": ("pipeline.evaluate", "test accuracy, params and MACs of a run's deploy model"),
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
+    "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),
+    "session": ("pipeline.tracking", "start or end the MLflow parent run of one pipeline invocation"),
+    "dvc-yaml": ("pipeline.dvcgen", "write dvc.yaml from the study definition (or --check it)"),
 }
 
 

@@ -144,8 +144,52 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int) -> to
     return timm.utils.reparameterize_model(model) if form == "deploy" else model
 
 
+# model_kwargs that do not change the deploy architecture
+_NOT_ARCH = ("drop_path_rate", "affine_init", "drop_rate")
+
+
+def architecture_label(model: str, kwargs: dict) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
+                     if k not in _NOT_ARCH + ("num_classes", "in_chans", "img_size"))
+    return f"{model} {extra}".strip()
+
+
+def study_benchmark(study, threads: int | None = None) -> dict:
+    """One interleaved run over every distinct deploy architecture of the study (first seed), plus the
+    training-time (affine) form of the student; `runs` maps each run to its architecture."""
+    models, runs = {}, {}
+    affine_run = None
+    first_seed = study.settings["seeds"][0]
+    for run in study.runs:
+        if study.run_specs[run][2] != first_seed:
+            continue
+        ckpt = load_checkpoint(study.deployed_model(run))
+        label = architecture_label(ckpt["model"], ckpt.get("model_kwargs", {}))
+        runs[run] = label
+        if label not in models:
+            models[label] = model_from_checkpoint(ckpt)
+        if affine_run is None and study.needs_reparameterize(run):
+            affine_run = run
+    if affine_run is not None:
+        ckpt = load_checkpoint(study.model_path(affine_run))
+        models[architecture_label(ckpt["model"], ckpt["model_kwargs"]) + " (training form)"] = \
+            model_from_checkpoint(ckpt)
+    t6 = study.tables["T6"]
+    reference_run = next(r["run"] for r in t6["rows"] if r["row"] == t6["reference"])
+    b = study.settings["evaluate"]["benchmark"]
+    torch.set_num_threads(threads or b["threads"])
+    from pipeline.data import load_prepared
+    in_chans = load_prepared(study.data_dir).meta["in_chans"]
+    img = study.settings["train"]["data"]["img_size"]
+    result = benchmark_models(models, (in_chans, img, img), b["batch_size"], torch.device(b["device"]),
+                              getattr(torch, b["dtype"]), b["warmup"], b["repeats"], b["iters"],
+                              reference=runs[reference_run])
+    result.update(profile=study.profile, runs=runs, protocol="study")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.protocol == "paper":
         args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
     device = torch.device(args.device)
@@ -157,12 +201,17 @@ def run(args: argparse.Namespace) -> dict:
                               getattr(torch, args.dtype), args.warmup, args.repeats, args.iters, reference)
     result["protocol"] = args.protocol
     write_json(args.out, result)
+    print_benchmark(result)
+    return result
+
+
+def print_benchmark(result: dict) -> None:
+    reference = result["reference"]
     for name, row in result["models"].items():
         t, r = row["throughput"], row.get("ratio_to_reference")
         print(f"{name:28s} params {row['params']:>11,d}  MACs {row['macs'] / 1e9:7.3f} G  "
               f"img/s median {t['median']:9.2f} [{t['min']:.2f}, {t['max']:.2f}]"
               + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}" if r else ""))
-    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,7 +229,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the paper does not say fp16 or fp32 (riformer.md Sec. 8); fp32 by default")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
     p.add_argument("--protocol", choices=["custom", "paper"], default="custom",
                    help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized)")
     p.add_argument("--out", required=True, help="JSON file to write")

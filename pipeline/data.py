@@ -376,10 +376,23 @@ def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, work
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def run(args: argparse.Namespace) -> dict:
+    if args.profile:
+        from pipeline.study import load_study
+        study = load_study(args.profile)
+        d = study.settings["data"]
+        args.source, args.raw_dir, args.root = d["source"], d.get("raw_dir"), d.get("root")
+        args.train_subset, args.test_subset, args.seed = d.get("train_subset"), d.get("test_subset"), d["seed"]
+        args.out = args.out or study.data_dir
+    if not args.out:
+        raise SystemExit("prepare-data: give --out or --profile")
     meta = prepare(args.source, args.out, raw_dir=args.raw_dir, root=args.root, train_subset=args.train_subset,
                    test_subset=args.test_subset, seed=args.seed, check_images=not args.skip_image_check,
                    verify=not args.no_verify)
     print(f"prepared {meta['source']}: {meta['counts']} -> {args.out} (data_hash {meta['data_hash'][:12]})")
+    if args.profile:
+        from pipeline import tracking
+        with tracking.stage_run(args.profile, "prepare-data", meta["source"]) as (mlflow, _):
+            mlflow.log_params({k: str(v) for k, v in meta.items() if k not in ("classes",)})
     return meta
 
 
@@ -393,4 +406,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the Fashion-MNIST checksums (other data in the same IDX format)")
     p.add_argument("--skip-image-check", action="store_true", help="do not open every image while validating")
-    p.add_argument("--out", required=True, help="prepared dataset folder to write")
+    p.add_argument("--profile", help="take the data settings of params/<profile>.yaml (validated first)")
+    p.add_argument("--out", help="prepared dataset folder to write (default with --profile: results/<profile>/data)")

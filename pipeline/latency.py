@@ -77,10 +77,26 @@ def latency_breakdown(batch_size: int, img_size: int, device: torch.device, dtyp
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    if args.profile:
+        from pipeline.study import load_study
+        study = load_study(args.profile, check_data=False)
+        threads = args.threads
+        for key, value in study.settings["latency"].items():
+            setattr(args, key.replace("-", "_"), value)
+        args.threads = threads or args.threads
+        args.out = args.out or study.latency_path
+    if not args.out:
+        raise SystemExit("latency-breakdown: give --out or --profile")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     result = latency_breakdown(args.batch_size, args.img_size, torch.device(args.device),
                                getattr(torch, args.dtype), args.warmup, args.repeats, args.iters)
     write_json(args.out, result)
+    if args.profile:
+        from pipeline import tracking
+        with tracking.stage_run(args.profile, "latency-breakdown", "vit_b") as (mlflow, _):
+            mlflow.log_metric("token_mixer_share", result["token_mixer_share"]["median"])
+            for i, row in enumerate(result["steps"]):
+                mlflow.log_metric("cumulative_ms", row["cumulative_ms"], step=i)
     for row in result["steps"]:
         print(f"{row['step']:14s} {row['cumulative_ms']:10.1f} ms  [{row['min_ms']:.1f}, {row['max_ms']:.1f}]")
     s = result["token_mixer_share"]
@@ -99,5 +115,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--device", default="cuda" if on_cuda else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
+    p.add_argument("--profile", help="take the settings of params/<profile>.yaml `latency:` (and its output path)")
+    p.add_argument("--out", help="JSON file to write")

@@ -37,41 +37,65 @@ def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Mod
     if ckpt["model"].startswith("riformer"):
         kwargs["token_mixer"] = "identity" if kwargs.get("token_mixer", "affine") == "affine" \
             else kwargs["token_mixer"]
-    deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("model", "config", "data_hash", "metrics", "run_id")}
+    deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("config", "data_hash", "run_id", "config_digest")}
     deploy_ckpt.update(model=ckpt["model"], model_kwargs=kwargs, state_dict=deploy.state_dict())
     # The deploy state dict must load into the identity-mixer model: check it here, not at evaluation time.
     model_from_checkpoint(deploy_ckpt)
     return model, deploy, deploy_ckpt
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint)
+def reparameterize_file(checkpoint, data, out, report, num_images=512, batch_size=128, img_size=32,
+                        tolerance=1e-4) -> dict:
+    ckpt = load_checkpoint(checkpoint)
     model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
-    prepared = load_prepared(args.data)
-    img_size = ckpt.get("config", {}).get("img_size", args.img_size)
-    batches = build_loader(prepared, "test", args.batch_size, img_size, train=False, limit=args.num_images)
+    prepared = load_prepared(data)
+    img_size = ckpt.get("config", {}).get("img_size", img_size)
+    batches = build_loader(prepared, "test", batch_size, img_size, train=False, limit=num_images)
     result = max_logit_difference(model, deploy, batches)
-    result.update(checkpoint=str(args.checkpoint), model=ckpt["model"], params_train=count_params(model),
+    result.update(checkpoint=str(checkpoint), model=ckpt["model"], params_train=count_params(model),
                   params_deploy=count_params(deploy), data_hash=prepared.data_hash,
                   affine_modules_left=sum(type(m).__name__ == "Affine" for m in deploy.modules()))
-    if result["max_abs_logit_diff"] > args.tolerance:
-        raise RuntimeError(f"{args.checkpoint}: re-parameterization changed the logits by "
-                           f"{result['max_abs_logit_diff']:.3g} > tolerance {args.tolerance}")
-    save_checkpoint(args.out, deploy_ckpt)
-    write_json(args.report, result)
+    if result["max_abs_logit_diff"] > tolerance:
+        raise RuntimeError(f"{checkpoint}: re-parameterization changed the logits by "
+                           f"{result['max_abs_logit_diff']:.3g} > tolerance {tolerance}")
+    save_checkpoint(out, deploy_ckpt)
+    write_json(report, result)
     print(f"{ckpt['model']}: params {result['params_train']:,} -> {result['params_deploy']:,}, max |logit diff| "
-          f"{result['max_abs_logit_diff']:.2e} on {result['num_images']} test images -> {args.out}")
+          f"{result['max_abs_logit_diff']:.2e} on {result['num_images']} test images -> {out}")
     return result
 
 
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    opts = dict(num_images=args.num_images, batch_size=args.batch_size, img_size=args.img_size,
+                tolerance=args.tolerance)
+    if args.checkpoint:
+        if not (args.data and args.out and args.report):
+            raise SystemExit("reparameterize: --checkpoint needs --data, --out and --report")
+        return reparameterize_file(args.checkpoint, args.data, args.out, args.report, **opts)
+    from pipeline import tracking
+    from pipeline.study import load_study
+    study = load_study(args.profile, check_data=False)
+    runs = [args.run] if args.run else [r for r in study.runs if study.needs_reparameterize(r)]
+    results = {}
+    with tracking.stage_run(args.profile, "reparameterize", args.run or "all") as (mlflow, _):
+        for run in runs:
+            d = study.deploy_dir(run)
+            results[run] = reparameterize_file(study.model_path(run), study.data_dir, d / "model.pt",
+                                               d / "reparam.json", **opts)
+            mlflow.log_metric(f"max_abs_logit_diff/{run}", results[run]["max_abs_logit_diff"])
+    return results
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (python -m pipeline train)")
-    p.add_argument("--data", required=True, help="prepared dataset folder; its test split is the input")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--run", help="one run of the study (default: every affine student of the profile)")
+    p.add_argument("--checkpoint", help="training checkpoint (python -m pipeline train)")
+    p.add_argument("--data", help="prepared dataset folder; its test split is the input")
     p.add_argument("--num-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=32, help="used when the checkpoint's config has none")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |logit difference| (fp32)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", required=True, help="deploy checkpoint to write")
-    p.add_argument("--report", required=True, help="JSON with the measured difference")
+    p.add_argument("--out", help="deploy checkpoint to write")
+    p.add_argument("--report", help="JSON with the measured difference")

@@ -7,6 +7,7 @@ each stage through PIPELINE_PARENT_RUN_ID, and each stage's run is nested under 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import warnings
@@ -16,8 +17,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 
 
+def project_root() -> Path:
+    """The repository the store belongs to; a queued `dvc exp run` works in <root>/.dvc/tmp/exps/<copy>."""
+    parts = REPO_ROOT.parts
+    if ".dvc" in parts:
+        return Path(*parts[: parts.index(".dvc")])
+    return REPO_ROOT
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def setup(experiment: str):
@@ -53,6 +62,69 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def parent_tags() -> dict[str, str]:
-    parent = os.environ.get(PARENT_ENV)
+def experiment_name(profile: str) -> str:
+    return f"riformer-{profile}"
+
+
+def _parent_file(profile: str) -> Path:
+    return Path("results") / profile / ".mlflow_parent"
+
+
+def start_session(profile: str, driver: str) -> str:
+    """Create the profile's experiment (once, before parallel jobs start: SQLite does not like racing
+    creators) and the parent run of this pipeline invocation; stages nest their runs under it."""
+    mlflow = setup(experiment_name(profile))
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name(profile))
+    run = client.create_run(experiment.experiment_id, run_name=f"{driver} {profile}",
+                            tags={"role": "pipeline", "driver": driver, "profile": profile, **git_state()})
+    path = _parent_file(profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run.info.run_id + "\n")
+    os.environ[PARENT_ENV] = run.info.run_id
+    return run.info.run_id
+
+
+def end_session(profile: str, status: str = "FINISHED") -> None:
+    run_id = parent_run_id(profile)
+    if run_id:
+        mlflow = setup(experiment_name(profile))
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
+    _parent_file(profile).unlink(missing_ok=True)
+
+
+def parent_run_id(profile: str | None = None) -> str | None:
+    """This invocation's parent run: from the environment, else from the session file of `profile`."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    if profile and _parent_file(profile).is_file():
+        return _parent_file(profile).read_text().strip() or None
+    return None
+
+
+def parent_tags(profile: str | None = None) -> dict[str, str]:
+    parent = parent_run_id(profile)
     return {"mlflow.parentRunId": parent} if parent else {}
+
+
+@contextlib.contextmanager
+def stage_run(profile: str, stage: str, name: str, tags: dict | None = None):
+    """An MLflow run for one stage invocation, nested under the pipeline invocation's parent run."""
+    mlflow = setup(experiment_name(profile))
+    all_tags = {"stage": stage, "profile": profile, **git_state(), **parent_tags(profile), **(tags or {})}
+    with mlflow.start_run(run_name=f"{stage}:{name}", tags=all_tags) as run:
+        yield mlflow, run
+
+
+def run(args) -> None:
+    if args.action == "start":
+        print(start_session(args.profile, args.driver))
+    else:
+        end_session(args.profile, args.status)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("action", choices=["start", "end"])
+    p.add_argument("--profile", default="default")
+    p.add_argument("--driver", default="dvc", help="recorded as a tag of the parent run")
+    p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])

@@ -11,6 +11,8 @@ resumed. The final files are written last: model.pt, history.json, then metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import random
 import time
@@ -137,9 +139,27 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", progress: bool = True) -> dict:
+def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", progress: bool = True,
+          profile: str | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir, cfg.name):
+        return _train(cfg, out_dir, experiment, progress, profile)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, name: str):
+    """One process per run folder: a second driver started on the same study fails at once, clearly."""
+    with open(out_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{name}: another process is training into {out_dir} (Snakemake and DVC on the "
+                               f"same results at once?)") from None
+        yield
+
+
+def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None) -> dict:
     torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -214,7 +234,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", p
             print(f"[{cfg.name}] {ckpt_path} is from another config; starting over")
 
     mlflow = tracking.setup(experiment)
-    run = _start_run(mlflow, cfg, run_id, prepared, device)
+    run = _start_run(mlflow, cfg, run_id, prepared, device, profile)
     run_id = run.info.run_id
     if start_epoch == 0:
         mlflow.log_params(tracking.flatten({k: v for k, v in cfg.to_dict().items()}))
@@ -303,7 +323,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", p
     final = history[-1]
     metrics = {
         "name": cfg.name, "role": cfg.role, "model": cfg.model, "run_id": run_id, "data_hash": prepared.data_hash,
-        "epochs": o.epochs, "test_top1": final["test/top1"], "test_top5": final["test/top5"],
+        "config_digest": cfg.digest(), "epochs": o.epochs, "test_top1": final["test/top1"],
+        "test_top5": final["test/top5"],
         "train_images_per_s": float(np.median([r["train/images_per_s"] for r in history])),
         "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(device),
         "session_wall_time_s": time.perf_counter() - wall_start,
@@ -311,7 +332,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", p
     model.cpu()
     save_checkpoint(out_dir / "model.pt", {"model": cfg.model, "model_kwargs": kwargs,
                                            "state_dict": model.state_dict(), "config": {"img_size": d.img_size},
-                                           "data_hash": prepared.data_hash, "run_id": run_id})
+                                           "data_hash": prepared.data_hash, "run_id": run_id,
+                                           "config_digest": cfg.digest()})
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     mlflow.log_metrics({"final/test_top1": metrics["test_top1"], "final/test_top5": metrics["test_top5"]})
@@ -320,7 +342,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", p
     return metrics
 
 
-def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared, device: torch.device):
+def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared, device: torch.device,
+               profile: str | None):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -331,7 +354,7 @@ def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared,
             print(f"[{cfg.name}] cannot reopen MLflow run {run_id} ({type(e).__name__}); logging to a new run")
     tags = {"table": ",".join(cfg.tables), "variant": cfg.name, "role": cfg.role, "model": cfg.model,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
-            "device": str(device), **tracking.git_state(), **tracking.parent_tags()}
+            "device": str(device), "stage": "train", **tracking.git_state(), **tracking.parent_tags(profile)}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)
     source = resolve_dataset_source(str(Path(prepared.path).resolve()))
     mlflow.log_input(MetaDataset(source, name=prepared.meta["source"], digest=prepared.data_hash[:32]),
@@ -351,14 +374,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.run:
         from pipeline.study import run_config
         cfg = run_config(args.profile, args.run, overrides=args.set, threads=args.threads)
-        out = args.out or f"results/{args.profile}/runs/{cfg.name}"
+        out = args.out or f"results/{args.profile}/runs/{args.run}"
     else:
         cfg = load_config(args.config, args.set + ([f"threads={args.threads}"] if args.threads else []))
         out = args.out
         if not out:
             raise SystemExit("train: --out is needed with --config")
-    metrics = train(cfg, out, experiment=args.experiment or f"riformer-{args.profile}",
-                    progress=not args.no_progress)
+    metrics = train(cfg, out, experiment=args.experiment or tracking.experiment_name(args.profile),
+                    progress=not args.no_progress, profile=args.profile)
     print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}")
     return metrics
 

@@ -196,5 +196,5 @@ def gfnet_b(pretrained=False, **kwargs) -> GFNet:
 @register_model
 def gfnet_nano(pretrained=False, **kwargs) -> GFNet:
     return _create("gfnet_nano", pretrained, **{"img_size": 32, "patch_size": 2, "in_chans": 1,
-                                                "embed_dims": (32, 64, 128, 256), "depths": (2, 2, 6, 2),
+                                                "embed_dims": (24, 48, 96, 192), "depths": (2, 2, 6, 2),
                                                 "drop_path_rate": 0.1, "layer_scale": 1e-5, **kwargs})

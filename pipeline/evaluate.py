@@ -1,0 +1,95 @@
+"""`python -m pipeline evaluate --profile P`: test top-1/top-5, params and MACs of every run's deploy model, and
+the throughput of every deploy architecture of the study in one interleaved benchmark on the same device.
+
+The deploy model is the re-parameterized checkpoint for affine students and the trained one otherwise.
+A checkpoint whose config digest differs from the run's current config is a stale result (for example
+trained by the other driver before a parameter changed): it is an error, never silently mixed in.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+
+import torch
+
+from pipeline import tracking
+from pipeline.benchmark import count_macs, count_params
+from pipeline.data import build_loader, load_prepared
+from pipeline.io import load_checkpoint, model_from_checkpoint, read_json, write_json
+from pipeline.study import Study, load_study
+
+
+class StaleResultError(RuntimeError):
+    pass
+
+
+def checked_checkpoint(study: Study, run: str, path) -> dict:
+    ckpt = load_checkpoint(path)
+    expected = study.run_config(run).digest()
+    if ckpt.get("config_digest") != expected:
+        raise StaleResultError(f"{path}: trained with config {ckpt.get('config_digest')}, but run {run!r} of profile "
+                               f"{study.profile} now resolves to {expected}: rerun its training")
+    return ckpt
+
+
+def evaluate_run(study: Study, run: str, mlflow) -> dict:
+    ckpt = checked_checkpoint(study, run, study.deployed_model(run))
+    prepared = load_prepared(study.data_dir)
+    if ckpt.get("data_hash") != prepared.data_hash:
+        raise StaleResultError(f"{run}: trained on data {str(ckpt.get('data_hash'))[:12]}, but the prepared data is "
+                               f"{prepared.data_hash[:12]}: rerun its training")
+    model = model_from_checkpoint(ckpt).eval()
+    img_size = ckpt.get("config", {}).get("img_size", study.settings["train"]["data"]["img_size"])
+    loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False)
+    from pipeline.train import evaluate
+    acc = evaluate(model, loader, torch.device("cpu"), nullcontext)
+    train_metrics = read_json(study.run_dir(run) / "metrics.json")
+    result = {
+        "run": run, "variant": study.variant_of(run), "profile": study.profile, "model": ckpt["model"],
+        "model_kwargs": ckpt.get("model_kwargs", {}), "deploy_checkpoint": str(study.deployed_model(run)),
+        "test_top1": acc["top1"], "test_top5": acc["top5"], "test_loss": acc["loss"],
+        "params": count_params(model), "macs": count_macs(model, (prepared.meta["in_chans"], img_size, img_size)),
+        "train_top1": train_metrics["test_top1"], "train_images_per_s": train_metrics["train_images_per_s"],
+        "train_run_id": train_metrics["run_id"], "config_digest": ckpt["config_digest"],
+        "data_hash": prepared.data_hash, "seed": study.run_config(run).seed, "tables": study.tables_of(run),
+    }
+    if study.needs_reparameterize(run):
+        result["reparam_max_abs_logit_diff"] = read_json(study.deploy_dir(run) / "reparam.json")[
+            "max_abs_logit_diff"]
+    mlflow.log_metrics({f"deploy_top1/{run}": acc["top1"], f"params/{run}": result["params"]})
+    # the training run carries the deploy accuracy too, so a whole table compares in one MLflow view
+    mlflow.MlflowClient().log_metric(result["train_run_id"], "deploy/test_top1", acc["top1"])
+    return result
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pipeline.benchmark import print_benchmark, study_benchmark
+
+    torch.set_num_threads(args.threads)
+    study = load_study(args.profile, check_data=False)
+    runs = [args.run] if args.run else study.runs
+    results = {}
+    with tracking.stage_run(study.profile, "evaluate", args.run or "all") as (mlflow, _):
+        for run in runs:
+            results[run] = evaluate_run(study, run, mlflow)
+            write_json(study.eval_path(run), results[run])
+            print(f"[{run}] deploy test top-1 {results[run]['test_top1']:.2f} top-5 {results[run]['test_top5']:.2f}, "
+                  f"{results[run]['params']:,} params, {results[run]['macs'] / 1e6:.1f} M MACs")
+        if not args.run:
+            bench = study_benchmark(study, args.threads)
+            write_json(study.benchmark_path, bench)
+            for label, row in bench["models"].items():
+                mlflow.log_metric(f"throughput/{_metric_name(label)}", row["throughput"]["median"])
+            mlflow.log_dict(bench, "benchmark.json")
+            print_benchmark(bench)
+    return results
+
+
+def _metric_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in label)[:250]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="default")
+    p.add_argument("--run", help="evaluate only this run (no benchmark); default: every run, then the benchmark")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())

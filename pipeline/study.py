@@ -1,0 +1,242 @@
+"""The study: params/ resolved into runs, tables and file paths, for every driver, report and test.
+
+params/defaults.yaml   shared defaults
+params/<profile>.yaml  a profile over them (smoke | default | paper)
+params/study.yaml      teachers, variants and the paper's tables
+
+`load_study(profile)` validates everything before anything runs (JSON schema plus the checks a schema
+cannot make: registry model names, run references, dataset paths) and raises one clear error listing
+every problem.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from pipeline.config import TrainConfig, config_from_dict
+from pipeline.tracking import REPO_ROOT
+
+PARAMS = REPO_ROOT / "params"
+SCHEMA = REPO_ROOT / "workflow" / "schemas" / "study.schema.yaml"
+PROFILES = ("smoke", "default", "paper")
+REF_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
+
+
+class StudyError(ValueError):
+    pass
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _read(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise StudyError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: not valid YAML ({e})") from None
+
+
+@dataclass
+class Study:
+    profile: str
+    settings: dict
+    teachers: dict[str, dict]
+    variants: dict[str, dict]
+    tables: dict[str, dict]
+    results: Path
+
+    # ---------------------------------------------------------------------------------------- runs
+    def seed_name(self, variant: str, seed: int) -> str:
+        return variant if seed == self.settings["seeds"][0] else f"{variant}-seed{seed}"
+
+    @cached_property
+    def run_specs(self) -> dict[str, tuple[str, dict, int]]:
+        """run name -> (role, spec, seed). Teachers run once; student variants once per seed."""
+        runs = {name: ("teacher", spec, self.settings["seeds"][0]) for name, spec in self.teachers.items()}
+        for seed in self.settings["seeds"]:
+            for name, spec in self.variants.items():
+                runs[self.seed_name(name, seed)] = ("student", spec, seed)
+        return runs
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.run_specs)
+
+    @property
+    def teacher_runs(self) -> list[str]:
+        return list(self.teachers)
+
+    @property
+    def student_runs(self) -> list[str]:
+        return [r for r, (role, _, _) in self.run_specs.items() if role == "student"]
+
+    def variant_of(self, run: str) -> str:
+        for seed in self.settings["seeds"]:
+            for v in self.variants:
+                if self.seed_name(v, seed) == run:
+                    return v
+        return run
+
+    def references(self, run: str) -> list[str]:
+        """The runs this run needs first (its teachers and partial-init source)."""
+        spec = self.run_specs[run][1]
+        refs = []
+        for section, key in REF_KEYS:
+            value = (spec.get(section) or {}).get(key) if section else spec.get(key)
+            if value in self.run_specs:
+                refs.append(value)
+        return sorted(set(refs))
+
+    def tables_of(self, run: str) -> list[str]:
+        variant = self.variant_of(run)
+        return sorted(t for t, table in self.tables.items() if any(r.get("run") == variant for r in table["rows"]))
+
+    # ---------------------------------------------------------------------------------------- paths
+    @property
+    def data_dir(self) -> Path:
+        return self.results / "data"
+
+    def run_dir(self, run: str) -> Path:
+        return self.results / "runs" / run
+
+    def model_path(self, run: str) -> Path:
+        return self.run_dir(run) / "model.pt"
+
+    def deploy_dir(self, run: str) -> Path:
+        return self.results / "deploy" / run
+
+    def eval_path(self, run: str) -> Path:
+        return self.results / "eval" / f"{run}.json"
+
+    @property
+    def benchmark_path(self) -> Path:
+        return self.results / "benchmark.json"
+
+    @property
+    def latency_path(self) -> Path:
+        return self.results / "latency.json"
+
+    def needs_reparameterize(self, run: str) -> bool:
+        cfg = self.run_config(run)
+        return cfg.model.startswith("riformer") and cfg.model_kwargs.get("token_mixer", "affine") == "affine"
+
+    def deployed_model(self, run: str) -> Path:
+        """The model evaluation reads: the re-parameterized one for affine students, else the trained one."""
+        return self.deploy_dir(run) / "model.pt" if self.needs_reparameterize(run) else self.model_path(run)
+
+    # -------------------------------------------------------------------------------------- configs
+    def run_config(self, run: str, overrides: list[str] | None = None, threads: int | None = None) -> TrainConfig:
+        """The resolved training config of a run: defaults < teacher_train < models < study < profile runs."""
+        if run not in self.run_specs:
+            raise StudyError(f"unknown run {run!r} in profile {self.profile}; known: {', '.join(self.runs)}")
+        role, spec, seed = self.run_specs[run]
+        spec = copy.deepcopy(spec)
+        model = self.settings["models"][spec.pop("model")]
+        values = deep_merge(self.settings["train"], self.settings["teacher_train"] if role == "teacher" else {})
+        values = deep_merge(values, {"model": model["name"], "model_kwargs": model.get("kwargs", {})})
+        values = deep_merge(values, spec)
+        values = deep_merge(values, self.settings["runs"].get(self.variant_of(run), {}))
+        mi = values.setdefault("mi", {})
+        if mi.get("teacher"):
+            for k, v in self.settings["mi_lambdas"].items():
+                mi.setdefault(k, v)
+        for section, key in REF_KEYS:
+            node = values.get(section) if section else values
+            if node and node.get(key) in self.run_specs:
+                node[key] = str(self.model_path(node[key]))
+        values.update(name=run, role=role, seed=seed, tables=self.tables_of(run))
+        values.setdefault("data", {})["path"] = str(self.data_dir)
+        if threads:
+            values["threads"] = threads
+        if overrides:
+            from pipeline.config import apply_overrides
+            values = apply_overrides(values, overrides)
+        return config_from_dict(values)
+
+
+def load_study(profile: str = "default", check_data: bool = True, overrides: dict | None = None) -> Study:
+    """Read, merge and validate params/ for `profile` (overrides: a dict merged over the profile)."""
+    if profile not in PROFILES and not (PARAMS / f"{profile}.yaml").is_file():
+        raise StudyError(f"unknown profile {profile!r}: params/{profile}.yaml not found (profiles: {PROFILES})")
+    settings = deep_merge(_read(PARAMS / "defaults.yaml"), _read(PARAMS / f"{profile}.yaml"))
+    settings = deep_merge(settings, overrides or {})
+    study_file = _read(PARAMS / "study.yaml")
+    errors = []
+    validator = jsonschema.Draft202012Validator(_read(SCHEMA))
+    for e in sorted(validator.iter_errors(settings), key=lambda e: list(e.path)):
+        where = ".".join(str(p) for p in e.path) or "(top level)"
+        errors.append(f"params/{profile}.yaml (over defaults.yaml) {where}: {e.message}")
+    if errors:
+        raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
+    study = Study(profile, settings, study_file.get("teachers", {}), study_file.get("variants", {}),
+                  study_file.get("tables", {}), Path("results") / profile)
+    errors += _semantic_errors(study, check_data)
+    if errors:
+        raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
+    return study
+
+
+def _semantic_errors(study: Study, check_data: bool) -> list[str]:
+    import timm
+
+    import pipeline.models  # noqa: F401
+
+    errors = []
+    overlap = set(study.teachers) & set(study.variants)
+    if overlap:
+        errors.append(f"study.yaml: names used both as teacher and variant: {sorted(overlap)}")
+    models = study.settings["models"]
+    for name, m in models.items():
+        if m["name"] not in timm.list_models():
+            errors.append(f"models.{name}: unknown model {m['name']!r} (not in timm's registry)")
+    for run, (_, spec, _) in study.run_specs.items():
+        if spec.get("model") not in models:
+            errors.append(f"study.yaml {run}: model {spec.get('model')!r} is not a key of the profile's models: "
+                          f"{sorted(models)}")
+        for section, key in REF_KEYS:
+            value = (spec.get(section) or {}).get(key) if section else spec.get(key)
+            if value and value not in study.run_specs and key != "init":
+                errors.append(f"study.yaml {run}: {section + '.' if section else ''}{key} names an unknown run "
+                              f"{value!r}")
+    for run in study.settings["runs"]:
+        if run not in study.teachers and run not in study.variants:
+            errors.append(f"params/{study.profile}.yaml runs.{run}: unknown variant or teacher")
+    for t, table in study.tables.items():
+        for row in table.get("rows", []):
+            if row.get("run") is not None and row["run"] not in study.teachers and row["run"] not in study.variants:
+                errors.append(f"study.yaml tables.{t} row {row.get('row')}: unknown run {row['run']!r}")
+        if table.get("reference") not in {r.get("row") for r in table.get("rows", [])}:
+            errors.append(f"study.yaml tables.{t}: reference {table.get('reference')!r} is not one of its rows")
+    if not errors:
+        for run in study.runs:  # every run's training config must build (keys, values, references)
+            try:
+                study.run_config(run)
+            except ValueError as e:
+                errors.append(f"run {run}: {e}")
+    data = study.settings["data"]
+    if check_data:
+        if data["source"] == "imagefolder" and not (data.get("root") and Path(data["root"]).is_dir()):
+            errors.append(f"data.root {data.get('root')!r}: image-folder dataset not found (set data.root in "
+                          f"params/{study.profile}.yaml to a folder with train/ and val/)")
+        if data["source"] == "fashion-mnist":
+            from pipeline.data import DataError, find_fashion_mnist
+            try:
+                find_fashion_mnist(data.get("raw_dir"))
+            except DataError as e:
+                errors.append(str(e))
+    return errors
+
+
+def run_config(profile: str, run: str, overrides: list[str] | None = None, threads: int | None = None):
+    return load_study(profile, check_data=False).run_config(run, overrides, threads)

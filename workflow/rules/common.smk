@@ -1,0 +1,38 @@
+# Shared helpers: the study (validated before anything runs), paths and the MLflow session.
+import json
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.study import load_study
+
+PROFILE = config["profile"]
+STUDY = load_study(
+    PROFILE,
+    overrides={"data": {"root": config["data_root"]}} if config.get("data_root") else None,
+)
+R = str(STUDY.results)
+LOGS = f"logs/{PROFILE}"
+MAX_THREADS = workflow.cores if isinstance(workflow.cores, int) else 2
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9_.-]+",
+
+
+def run_config_json(wildcards):
+    """The resolved config of a run: Snakemake reruns a job whose params changed, and only that job."""
+    return json.dumps(STUDY.run_config(wildcards.run).to_dict(), sort_keys=True)
+
+
+def teacher_models(wildcards):
+    return [str(STUDY.model_path(ref)) for ref in STUDY.references(wildcards.run)]
+
+
+def start_mlflow_session():
+    # One experiment per profile, created here before parallel jobs start; one parent run per invocation.
+    run_id = tracking.start_session(PROFILE, "snakemake")
+    print(f"MLflow: experiment {tracking.experiment_name(PROFILE)}, parent run {run_id}")
+
+
+def end_mlflow_session(status):
+    tracking.end_session(PROFILE, status)

@@ -1,0 +1,51 @@
+# Re-parameterization of every affine student, evaluation of every deploy model with one interleaved
+# benchmark of all architectures (all cores, nothing else running), and the latency breakdown.
+AFFINE = [r for r in STUDY.runs if STUDY.needs_reparameterize(r)]
+FIRST_SEED = [r for r in STUDY.runs if STUDY.run_specs[r][2] == STUDY.settings["seeds"][0]]
+
+
+rule reparameterize:
+    input:
+        models=[str(STUDY.model_path(r)) for r in AFFINE],
+        data=f"{R}/data",
+    output:
+        models=[str(STUDY.deploy_dir(r) / "model.pt") for r in AFFINE],
+        reports=[str(STUDY.deploy_dir(r) / "reparam.json") for r in AFFINE],
+    log:
+        f"{LOGS}/reparameterize.log",
+    params:
+        profile=PROFILE,
+    threads: MAX_THREADS
+    shell:
+        "python -m pipeline reparameterize --profile {params.profile} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        models=[str(STUDY.deployed_model(r)) for r in STUDY.runs],
+        metrics=[str(STUDY.run_dir(r) / "metrics.json") for r in STUDY.runs],
+        data=f"{R}/data",
+    output:
+        evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
+        benchmark=f"{R}/benchmark.json",
+    log:
+        f"{LOGS}/evaluate.log",
+    params:
+        profile=PROFILE,
+        settings=json.dumps(STUDY.settings["evaluate"], sort_keys=True),
+    threads: MAX_THREADS
+    shell:
+        "python -m pipeline evaluate --profile {params.profile} --threads {threads} > {log} 2>&1"
+
+
+rule latency_breakdown:
+    output:
+        f"{R}/latency.json",
+    log:
+        f"{LOGS}/latency_breakdown.log",
+    params:
+        profile=PROFILE,
+        settings=json.dumps(STUDY.settings["latency"], sort_keys=True),
+    threads: MAX_THREADS
+    shell:
+        "python -m pipeline latency-breakdown --profile {params.profile} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,38 @@
+# The report: tables beside the paper's numbers, figures and guideline verdicts (reports/<profile>/).
+REPORT = f"reports/{PROFILE}"
+TABLES = list(STUDY.tables) + ["F1"]
+FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
+           "reparameterization_error"]
+REPORT_FILES = [f"{REPORT}/README.md", f"{REPORT}/summary.json"]
+
+
+rule report:
+    input:
+        evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
+        histories=[str(STUDY.run_dir(r) / "history.json") for r in STUDY.runs],
+        benchmark=f"{R}/benchmark.json",
+        latency=f"{R}/latency.json",
+        paper="params/paper_results.csv",
+    output:
+        index=f"{REPORT}/README.md",
+        summary=f"{REPORT}/summary.json",
+        tables=[f"{REPORT}/tables/{t}.md" for t in STUDY.tables] + [f"{REPORT}/tables/F1.md"],
+        csv=report(
+            [f"{REPORT}/tables/{t}.csv" for t in STUDY.tables],
+            category="Tables",
+            labels=lambda path: {"table": Path(path).stem},
+        ),
+        figures=report(
+            [f"{REPORT}/figures/{f}.png" for f in FIGURES],
+            category="Figures",
+            labels=lambda path: {"figure": Path(path).stem},
+        ),
+        pdfs=[f"{REPORT}/figures/{f}.pdf" for f in FIGURES],
+        latex=[f"{REPORT}/tables/{t}.tex" for t in STUDY.tables],
+    log:
+        f"{LOGS}/report.log",
+    params:
+        profile=PROFILE,
+        tables=json.dumps(STUDY.tables, sort_keys=True),
+    shell:
+        "python -m pipeline report --profile {params.profile} > {log} 2>&1"
