@@ -5,7 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup dataset test lint clean
+CORES  ?= 2
+PROFILE ?= default
+# Snakemake rules and DVC stages call `python -m pipeline`: the project's environment comes first.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup dataset test lint clean repro smoke paper-plan dvc-repro ui snakemake-report
 
 setup: $(STAMP)
 
@@ -31,8 +36,34 @@ dataset:
 test: setup
 	$(PY) -m pytest -q
 
+# The study on the embedded default data (Fashion-MNIST, nano models), through Snakemake.
+repro: setup
+	snakemake --cores $(CORES)
+
+# The whole DAG on a few hundred images for one epoch.
+smoke: setup
+	snakemake --cores $(CORES) --config profile=smoke
+
+# The paper's ImageNet recipe cannot run here; this plans it (set DATA_ROOT to an ImageNet folder).
+paper-plan: setup
+	snakemake -n --config profile=paper $(if $(DATA_ROOT),data_root=$(DATA_ROOT))
+
+# The same stages through DVC (profile from params.yaml), as one MLflow parent run.
+dvc-repro: setup
+	python -m pipeline session start --profile $(PROFILE) --driver dvc
+	dvc repro; status=$$?; python -m pipeline session end --profile $(PROFILE) \
+	  --status $$( [ $$status = 0 ] && echo FINISHED || echo FAILED ); exit $$status
+
+# The MLflow UI on the project's store: http://127.0.0.1:5000
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Snakemake's HTML report of the last run (tables and figures of the report stage).
+snakemake-report: setup
+	snakemake --report reports/$(PROFILE)/snakemake-report.html --config profile=$(PROFILE)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf results .snakemake mlflow.db mlartifacts
+	rm -rf results logs .snakemake mlflow.db mlartifacts

@@ -166,7 +166,8 @@ def latency_table(lat: dict | None, paper: dict) -> str:
         lines[-1] += f" {p:.2f} |" if p is not None else " — |"
     if lat:
         share = lat["token_mixer_share"]
-        p_att, p_ln = paper.get(("F1", "+attention", "cumulative_ms")), paper.get(("F1", "+layernorm1", "cumulative_ms"))
+        p_att = paper.get(("F1", "+attention", "cumulative_ms"))
+        p_ln = paper.get(("F1", "+layernorm1", "cumulative_ms"))
         p_tot = paper.get(("F1", "+residual2", "cumulative_ms"))
         paper_share = (p_att - p_ln) / p_tot if None not in (p_att, p_ln, p_tot) else None
         lines += ["", f"Token mixer share: ours {100 * share['median']:.1f}% [{100 * share['min']:.1f}, "
