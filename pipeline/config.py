@@ -116,8 +116,21 @@ def _build(cls, values: dict, where: str):
         elif name == "betas":
             kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, fields[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _coerce(value, f: dataclasses.Field, where: str):
+    """Numbers given as strings (YAML 1.1 reads `3e-3` as a string) become numbers; other strings are errors."""
+    numeric = "float" in f.type or f.type.startswith("int")
+    if numeric and isinstance(value, str):
+        try:
+            return float(value) if "float" in f.type else int(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if numeric and isinstance(value, bool):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    return value
 
 
 def config_from_dict(values: dict) -> TrainConfig:

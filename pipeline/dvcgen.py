@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.study import Study, load_study
+from pipeline.study import STAGE_CODE, Study, load_study
 from pipeline.tracking import REPO_ROOT
 
 DVC_YAML = REPO_ROOT / "dvc.yaml"
@@ -38,7 +38,8 @@ def _train_stage(items: dict, n_refs: int, teacher: bool) -> dict:
         "foreach": items,
         "do": {
             "cmd": "python -m pipeline train --profile ${profile} --run ${key} --no-progress",
-            "deps": ["pipeline", f"{R}/data"] + [f"{R}/runs/${{item.ref{i}}}/model.pt" for i in range(n_refs)],
+            "deps": STAGE_CODE["train"] + [f"{R}/data"]
+                    + [f"{R}/runs/${{item.ref{i}}}/model.pt" for i in range(n_refs)],
             "params": _params(*PROFILE_SECTIONS,
                               study_keys=["teachers.${item.variant}" if teacher else "variants.${item.variant}"]),
             "outs": [f"{R}/runs/${{key}}/model.pt"],
@@ -52,7 +53,7 @@ def render(study: Study) -> str:
     stages: dict = {
         "prepare-data": {
             "cmd": "python -m pipeline prepare-data --profile ${profile}",
-            "deps": ["pipeline/data.py"],
+            "deps": STAGE_CODE["prepare-data"],
             "params": _params("data"),
             "outs": [f"{R}/data"],
         },
@@ -70,14 +71,14 @@ def render(study: Study) -> str:
     affine = [r for r in study.runs if study.needs_reparameterize(r)]
     stages["reparameterize"] = {
         "cmd": "python -m pipeline reparameterize --profile ${profile}",
-        "deps": ["pipeline/reparameterize.py", f"{R}/data"] + [f"{R}/runs/{r}/model.pt" for r in affine],
+        "deps": STAGE_CODE["reparameterize"] + [f"{R}/data"] + [f"{R}/runs/{r}/model.pt" for r in affine],
         "outs": [f"{R}/deploy/{r}/model.pt" for r in affine],
         "metrics": [{f"{R}/deploy/{r}/reparam.json": {"cache": False}} for r in affine],
     }
     deployed = [f"{R}/deploy/{r}/model.pt" if r in affine else f"{R}/runs/{r}/model.pt" for r in study.runs]
     stages["evaluate"] = {
         "cmd": "python -m pipeline evaluate --profile ${profile}",
-        "deps": ["pipeline/evaluate.py", "pipeline/benchmark.py", f"{R}/data"] + deployed
+        "deps": STAGE_CODE["evaluate"] + [f"{R}/data"] + deployed
                 + [f"{R}/runs/{r}/metrics.json" for r in study.runs],
         "params": _params("evaluate"),
         "metrics": [{f"{R}/eval/{r}.json": {"cache": False}} for r in study.runs]
@@ -85,13 +86,13 @@ def render(study: Study) -> str:
     }
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
-        "deps": ["pipeline/latency.py"],
+        "deps": STAGE_CODE["latency-breakdown"],
         "params": _params("latency"),
         "metrics": [{f"{R}/latency.json": {"cache": False}}],
     }
     stages["report"] = {
         "cmd": "python -m pipeline report --profile ${profile}",
-        "deps": (["pipeline/report.py", "params/paper_results.csv", f"{R}/benchmark.json", f"{R}/latency.json"]
+        "deps": (STAGE_CODE["report"] + [f"{R}/benchmark.json", f"{R}/latency.json"]
                  + [f"{R}/eval/{r}.json" for r in study.runs]),
         "params": [{"params/study.yaml": ["tables"]}],
         "outs": [{"reports/${profile}": {"cache": False}}],

@@ -144,8 +144,8 @@ def training_curves(study, results, folder: Path) -> str | None:
         epochs = [h["epoch"] for h in hist]
         ax_acc.plot(epochs, [h.get("test/top1", float("nan")) for h in hist], color=color, label=run, marker=".")
         for style, term in zip(["-", "--", "-.", ":", (0, (1, 1)), (0, (3, 1, 1, 1))], terms, strict=True):
-            values = [h.get(term, 0.0) for h in hist]
-            if any(values):
+            values = [h.get(term, float("nan")) for h in hist]  # a term outside its window is not drawn
+            if any(v == v for v in values):
                 ax_loss.plot(epochs, values, color=color, linestyle=style, lw=1)
     ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="module-imitation runs")
     ax_acc.legend(fontsize=6)

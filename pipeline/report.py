@@ -154,7 +154,7 @@ def fmt_value(v: Value, metric: str) -> str:
 def fmt_delta(d: float | None, metric: str) -> str:
     if d is None:
         return MISSING
-    return f"×{d:.3f}" if metric == THROUGHPUT else f"{d:+.2f}"
+    return f"×{d:.3f}" if metric == THROUGHPUT else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
 def fmt_paper(p: float | None, metric: str) -> str:
@@ -356,8 +356,8 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
         lines.append(f"**{v['guideline']}. {v['text']}** — **{v['verdict']}**{rule}")
         lines.append("")
         for d in v["deltas"]:
-            ours = MISSING if d["ours"] is None else f"{d['ours']:+.2f}"
-            paper = MISSING if d["paper"] is None else f"{d['paper']:+.2f}"
+            ours = MISSING if d["ours"] is None else fmt_delta(d["ours"], "top1")
+            paper = MISSING if d["paper"] is None else fmt_delta(d["paper"], "top1")
             lines.append(f"- {d['delta']}: ours {ours}, paper {paper}; {d['seed_test']}")
         lines.append("")
     lines += ["## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1, "## Figures", ""]

@@ -27,6 +27,18 @@ PROFILES = ("smoke", "default", "paper")
 REF_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
 
 
+# The code each stage runs: a change to it reruns the stage in both drivers (and nothing else).
+_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py"]
+STAGE_CODE = {
+    "prepare-data": ["pipeline/data.py"],
+    "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py"] + _MODELS,
+    "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
+    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py"] + _MODELS,
+    "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
+    "report": ["pipeline/report.py", "pipeline/figures.py", "params/paper_results.csv"],
+}
+
+
 class StudyError(ValueError):
     pass
 

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -90,7 +91,7 @@ def init_from_file(model: nn.Module, path: str) -> dict:
         raise FileNotFoundError(f"init checkpoint {path} not found")
     cfg.update(file=str(path), url=None, hf_hub_id=None, state_dict=None)
     head_reset = cfg.get("num_classes") != model.num_classes
-    filter_fn = getattr(__import__(type(model).__module__, fromlist=["x"]), "checkpoint_filter_fn", None)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)  # timm's key remapping
     load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
                     in_chans=getattr(model, "in_chans", 3), filter_fn=filter_fn)
     return {"init": str(path), "head_reset": head_reset}

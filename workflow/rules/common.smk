@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.study import load_study
+from pipeline.study import STAGE_CODE, load_study
 
 PROFILE = config["profile"]
 STUDY = load_study(

@@ -6,11 +6,14 @@ FIRST_SEED = [r for r in STUDY.runs if STUDY.run_specs[r][2] == STUDY.settings["
 
 rule reparameterize:
     input:
+        code=STAGE_CODE["reparameterize"],
         models=[str(STUDY.model_path(r)) for r in AFFINE],
         data=f"{R}/data",
     output:
         models=[str(STUDY.deploy_dir(r) / "model.pt") for r in AFFINE],
         reports=[str(STUDY.deploy_dir(r) / "reparam.json") for r in AFFINE],
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/reparameterize.log",
     params:
@@ -22,12 +25,15 @@ rule reparameterize:
 
 rule evaluate:
     input:
+        code=STAGE_CODE["evaluate"],
         models=[str(STUDY.deployed_model(r)) for r in STUDY.runs],
         metrics=[str(STUDY.run_dir(r) / "metrics.json") for r in STUDY.runs],
         data=f"{R}/data",
     output:
         evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
         benchmark=f"{R}/benchmark.json",
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/evaluate.log",
     params:
@@ -39,8 +45,12 @@ rule evaluate:
 
 
 rule latency_breakdown:
+    input:
+        code=STAGE_CODE["latency-breakdown"],
     output:
         f"{R}/latency.json",
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/latency_breakdown.log",
     params:

@@ -8,11 +8,11 @@ REPORT_FILES = [f"{REPORT}/README.md", f"{REPORT}/summary.json"]
 
 rule report:
     input:
+        code=STAGE_CODE["report"],
         evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
         histories=[str(STUDY.run_dir(r) / "history.json") for r in STUDY.runs],
         benchmark=f"{R}/benchmark.json",
         latency=f"{R}/latency.json",
-        paper="params/paper_results.csv",
     output:
         index=f"{REPORT}/README.md",
         summary=f"{REPORT}/summary.json",
@@ -29,6 +29,8 @@ rule report:
         ),
         pdfs=[f"{REPORT}/figures/{f}.pdf" for f in FIGURES],
         latex=[f"{REPORT}/tables/{t}.tex" for t in STUDY.tables],
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/report.log",
     params:

@@ -2,8 +2,12 @@
 
 
 rule prepare_data:
+    input:
+        code=STAGE_CODE["prepare-data"],
     output:
         directory(f"{R}/data"),
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/prepare_data.log",
     params:
@@ -15,11 +19,14 @@ rule prepare_data:
 
 rule train_teacher:
     input:
+        code=STAGE_CODE["train"],
         data=f"{R}/data",
     output:
         model=f"{R}/runs/{{run}}/model.pt",
         metrics=f"{R}/runs/{{run}}/metrics.json",
         history=f"{R}/runs/{{run}}/history.json",
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/train/{{run}}.log",
     wildcard_constraints:
@@ -37,12 +44,15 @@ rule train_teacher:
 
 rule train_student:
     input:
+        code=STAGE_CODE["train"],
         data=f"{R}/data",
         teachers=teacher_models,
     output:
         model=f"{R}/runs/{{run}}/model.pt",
         metrics=f"{R}/runs/{{run}}/metrics.json",
         history=f"{R}/runs/{{run}}/history.json",
+    conda:
+        "../envs/pipeline.yaml"
     log:
         f"{LOGS}/train/{{run}}.log",
     wildcard_constraints:

@@ -1,0 +1,164 @@
+"""The ablation DAG end to end (issue 4): the smoke profile through Snakemake, then DVC on the same results;
+the paper profile planned by both drivers and one batch of each of its stage kinds on the CPU."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+COPY = ["pipeline", "params", "workflow", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+BIN = str(Path(sys.executable).parent)
+
+pytestmark = pytest.mark.slow
+
+
+def make_workspace(root: Path) -> Path:
+    """A copy of the project (code, params, workflow, DVC config) in its own git repository and MLflow store."""
+    for item in COPY:
+        src, dst = REPO / item, root / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    (root / ".gitignore").write_text("results/\nlogs/\nmlflow.db\n.snakemake/\n")
+    env = _env(root)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    return root
+
+
+def _env(root: Path) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def sh(root: Path, *cmd: str) -> str:
+    proc = subprocess.run(list(cmd), cwd=root, env=_env(root), capture_output=True, text=True)
+    if proc.returncode != 0:
+        logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((root / "logs").rglob("*.log"))[-3:]) \
+            if (root / "logs").exists() else ""
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}{logs}")
+    return proc.stdout + proc.stderr
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake dry run."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.M) if m.group(1) != "total"}
+
+
+def set_params(root: Path, rel: str, update) -> None:
+    path = root / rel
+    data = yaml.safe_load(path.read_text()) or {}
+    update(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_committed_dvc_yaml_is_up_to_date():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "dvc-yaml", "--check"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    from pipeline.study import load_study
+    study = load_study("smoke", check_data=False)
+
+    sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke")
+    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("riformer-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    finished = {r.data.tags["variant"]: r for r in runs
+                if r.data.tags.get("stage") == "train" and r.info.status == "FINISHED"}
+    for table, spec in study.tables.items():
+        for row in spec["rows"]:
+            if row.get("run"):
+                run = finished.get(row["run"])
+                assert run is not None, f"{table}/{row['row']}: no finished MLflow run for {row['run']}"
+                assert "final/test_top1" in run.data.metrics and "deploy/test_top1" in run.data.metrics
+                assert table in run.data.tags["table"].split(",") or row["run"] in study.teachers
+                assert run.data.tags["mlflow.parentRunId"] == parent
+    stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert {"prepare-data", "train", "reparameterize", "evaluate", "latency-breakdown", "report"} <= stages
+    readme = (ws / "reports/smoke/README.md").read_text()
+    assert "### T4" in readme and "guideline" in readme.lower()
+
+    # a second run with nothing changed does nothing
+    assert "Nothing to be done" in sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
+    # changing one variant's parameter reruns that variant and what depends on it, nothing else
+    set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
+    assert jobs == {"train_student": 1, "evaluate": 1, "report": 1, "all": 1}, jobs
+    before = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
+    subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
+
+    # DVC on the same workspace and results: it reruns its stages (no lock file yet); training resumes from
+    # each finished checkpoint instead of training again, and the results are the same, not mixed.
+    set_params(ws, "params.yaml", lambda d: d.update(profile="smoke"))
+    out = sh(ws, "dvc", "repro")
+    assert out.count("resuming after epoch 1 of 1") == len(study.runs)  # nothing trained twice
+    after = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
+    assert after == before
+    assert "up to date" in sh(ws, "dvc", "repro")
+    assert "test_top1" in sh(ws, "dvc", "metrics", "show")
+    set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
+    changed = sh(ws, "dvc", "status")
+    assert "train-distill@identity-label-hard" in changed
+    assert "train-distill@identity-label-soft" not in changed and "train-teacher@gfnet" not in changed
+
+
+def _tiny_imagefolder(root: Path) -> Path:
+    for split in ("train", "val"):
+        for c, color in (("n01", (200, 30, 30)), ("n02", (30, 30, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (256, 256), color).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    data = _tiny_imagefolder(tmp_path / "imagenet")
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "16", "--config", "profile=paper", f"data_root={data}"))
+    assert jobs["train_student"] == 24 and jobs["train_teacher"] == 2 and jobs["report"] == 1
+    set_params(ws, "params.yaml", lambda d: d.update(profile="paper"))
+    set_params(ws, "params/paper.yaml", lambda d: d["data"].update(root=str(data)))
+    # DVC's --dry needs --force while upstream outputs do not exist yet (treeverse/dvc#9021)
+    plan = sh(ws, "dvc", "repro", "--dry", "--force")
+    assert plan.count("Running stage 'train-") == 26 and "python -m pipeline report --profile paper" in plan
+
+    def one_batch(d):
+        d["train"].update(threads=2, device="cpu")
+        d["train"]["data"].update(batch_size=2, eval_batch_size=2, train_limit=2, test_limit=2, workers=0)
+        d["train"]["optim"].update(epochs=1, warmup_epochs=0)
+        d["evaluate"] = {"batch_size": 2, "benchmark": {"batch_size": 1, "warmup": 0, "repeats": 1, "iters": 1,
+                                                        "threads": 2, "device": "cpu"}}
+        d["latency"] = {"batch_size": 1, "img_size": 224, "warmup": 0, "repeats": 1, "iters": 1, "threads": 2,
+                        "device": "cpu"}
+    set_params(ws, "params/paper.yaml", one_batch)
+    py = ["python", "-m", "pipeline"]
+    sh(ws, *py, "prepare-data", "--profile", "paper")
+    for run in ("gfnet", "pooling-ce", "affine-mi-partial"):  # logit teacher, imitation teacher, final student
+        sh(ws, *py, "train", "--profile", "paper", "--run", run, "--no-progress")
+    sh(ws, *py, "reparameterize", "--profile", "paper", "--run", "affine-mi-partial", "--num-images", "2")
+    sh(ws, *py, "evaluate", "--profile", "paper", "--run", "affine-mi-partial")
+    sh(ws, *py, "latency-breakdown", "--profile", "paper")
+    sh(ws, *py, "report", "--profile", "paper")
+    evaluated = json.loads((ws / "results/paper/eval/affine-mi-partial.json").read_text())
+    assert evaluated["model"] == "riformer_s12" and evaluated["params"] == 11_915_176 - 1000 * 513 + 2 * 513
+    summary = json.loads((ws / "reports/paper/summary.json").read_text())
+    assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing
