@@ -33,14 +33,25 @@ def save(fig, folder: Path, name: str) -> str:
 
 
 def make_all(study, results, tables, paper, folder: Path) -> list[str]:
+    """Every figure of pipeline.report.FIGURES; one whose results are missing says so instead of failing."""
+    from pipeline.report import FIGURES
+
     _style()
     figs = [accuracy_throughput(study, results, paper, folder), ablation_bars(tables, folder),
             training_curves(study, results, folder), latency(results.latency, paper, folder),
             reparam_errors(study, folder)]
-    return [f for f in figs if f]
+    assert figs == FIGURES, figs
+    return figs
 
 
-def accuracy_throughput(study, results, paper, folder: Path) -> str | None:
+def placeholder(folder: Path, name: str, what: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{what}: no results yet", ha="center", va="center")
+    return save(fig, folder, name)
+
+
+def accuracy_throughput(study, results, paper, folder: Path) -> str:
     """Our accuracy against measured throughput for every evaluated model, beside the paper's T6."""
     bench = results.benchmark
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -103,7 +114,7 @@ def _pair_arrows(ax, points: dict, study) -> None:
         ax.annotate(run, (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points", color="0.3")
 
 
-def ablation_bars(tables, folder: Path) -> str | None:
+def ablation_bars(tables, folder: Path) -> str:
     """One panel per ablation table: the change from the reference row, ours beside the paper's."""
     names = [t for t in ("T1", "T2", "T3", "T4", "T5", "PL", "T7", "T8") if t in tables]
     cols = 4
@@ -129,13 +140,13 @@ def ablation_bars(tables, folder: Path) -> str | None:
     return save(fig, folder, "ablation_deltas")
 
 
-def training_curves(study, results, folder: Path) -> str | None:
+def training_curves(study, results, folder: Path) -> str:
     """Test accuracy and each loss term against the epoch, for the module-imitation runs."""
     from pipeline.io import read_json
 
     runs = [r for r in study.runs if study.run_config(r).mi.teacher and (study.run_dir(r) / "history.json").exists()]
     if not runs:
-        return None
+        return placeholder(folder, "training_curves", "training curves of the module-imitation runs")
     terms = ["train/ce", "train/kd_soft", "train/kd_hard", "train/mi_in", "train/mi_out", "train/mi_rel"]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     palette = sns.color_palette("tab20", len(runs))
@@ -176,9 +187,9 @@ def latency_table(lat: dict | None, paper: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def latency(lat: dict | None, paper: dict, folder: Path) -> str | None:
+def latency(lat: dict | None, paper: dict, folder: Path) -> str:
     if not lat:
-        return None
+        return placeholder(folder, "latency_breakdown", "latency breakdown")
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 3.6))
     ours = [next(s["cumulative_ms"] for s in lat["steps"] if s["step"] == step) for step in F1_STEPS]
     pap = [paper.get(("F1", step, "cumulative_ms"), 0.0) for step in F1_STEPS]
@@ -196,7 +207,7 @@ def latency(lat: dict | None, paper: dict, folder: Path) -> str | None:
     return save(fig, folder, "latency_breakdown")
 
 
-def reparam_errors(study, folder: Path) -> str | None:
+def reparam_errors(study, folder: Path) -> str:
     from pipeline.io import read_json
 
     rows = []
@@ -205,7 +216,7 @@ def reparam_errors(study, folder: Path) -> str | None:
         if study.needs_reparameterize(run) and path.exists():
             rows.append((run, max(read_json(path)["max_abs_logit_diff"], 1e-12)))
     if not rows:
-        return None
+        return placeholder(folder, "reparameterization_error", "re-parameterization error")
     fig, ax = plt.subplots(figsize=(8, 0.25 * len(rows) + 1.2))
     ax.barh([r for r, _ in rows], [d for _, d in rows], color=OURS)
     ax.axvline(1e-4, color="#d62728", lw=1, ls="--", label="tolerance 1e-4")

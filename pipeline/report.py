@@ -26,6 +26,8 @@ from pipeline.study import Study, load_study
 PAPER_CSV = Path(__file__).resolve().parent.parent / "params" / "paper_results.csv"
 THROUGHPUT = "throughput"
 MISSING = "—"
+FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
+           "reparameterization_error"]
 GUIDELINES = {
     1: "Soft distillation without ground-truth labels is best for a token-mixer-free student.",
     2: "The affine re-parameterization alone, without tailored distillation, hardly helps.",
@@ -301,7 +303,21 @@ def mlflow_links(profile: str):
     return link
 
 
-def write_report(study: Study, out: Path, links=None) -> dict:
+def invocation_wall_time(profile: str) -> float | None:
+    """Seconds since this pipeline invocation's MLflow parent run started (None outside a session)."""
+    import time
+
+    run_id = tracking.parent_run_id(profile)
+    if not run_id:
+        return None
+    try:
+        mlflow = tracking.setup(tracking.experiment_name(profile))
+        return time.time() - mlflow.MlflowClient().get_run(run_id).info.start_time / 1000
+    except Exception:  # a report never fails for want of a tracking store
+        return None
+
+
+def write_report(study: Study, out: Path, links=None, wall_time_s: float | None = None) -> dict:
     from pipeline import figures
 
     out = Path(out)
@@ -324,12 +340,12 @@ def write_report(study: Study, out: Path, links=None) -> dict:
     summary = {"profile": study.profile, "verdicts": verdicts, "figures": figs,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for rows in tables.values() for r in rows if not r.ours.ok]}
     write_json(out / "summary.json", summary)
-    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs))
+    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s))
     return summary
 
 
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],
-           figs: list[str]) -> str:
+           figs: list[str], wall_time_s: float | None) -> str:
     meta = _maybe_json(study.data_dir / "meta.json") or {}
     evals = [e for e in results.evals.values() if e]
     train_time = sum(_maybe_json(study.run_dir(e["run"]) / "metrics.json")["train_wall_time_s"] for e in evals)
@@ -347,7 +363,8 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
         f"| git commit | `{git['git_commit'][:12]}` (dirty: {git['git_dirty']}) |",
         f"| device | {bench.get('device_name', platform.processor() or platform.machine())} |",
         f"| runs evaluated | {len(evals)} of {len(study.runs)} |",
-        f"| total training wall time | {train_time / 60:.1f} min (sum over runs) |",
+        "| total wall time | " + (f"{wall_time_s / 60:.1f} min for the pipeline invocation that wrote this report; "
+                                   if wall_time_s else "") + f"{train_time / 60:.1f} min of training (sum over runs) |",
         f"| seeds | {study.settings['seeds']} |", "",
         "## The five guidelines (verdicts computed from the tables)", "",
     ]
@@ -369,7 +386,7 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
 def run(args: argparse.Namespace) -> dict:
     study = load_study(args.profile, check_data=False)
     out = Path(args.out or f"reports/{args.profile}")
-    summary = write_report(study, out, mlflow_links(args.profile))
+    summary = write_report(study, out, mlflow_links(args.profile), invocation_wall_time(args.profile))
     with tracking.stage_run(args.profile, "report", args.profile) as (mlflow, _):
         for v in summary["verdicts"]:
             mlflow.set_tag(f"guideline_{v['guideline']}", v["verdict"])

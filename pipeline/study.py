@@ -24,6 +24,7 @@ from pipeline.tracking import REPO_ROOT
 PARAMS = REPO_ROOT / "params"
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "study.schema.yaml"
 PROFILES = ("smoke", "default", "paper")
+PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency")
 REF_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
 
 
@@ -177,13 +178,20 @@ class Study:
         return config_from_dict(values)
 
 
-def load_study(profile: str = "default", check_data: bool = True, overrides: dict | None = None) -> Study:
+def load_study(profile: str = "default", check_data: bool = True, overrides: dict | None = None,
+               params: Path = PARAMS) -> Study:
     """Read, merge and validate params/ for `profile` (overrides: a dict merged over the profile)."""
-    if profile not in PROFILES and not (PARAMS / f"{profile}.yaml").is_file():
-        raise StudyError(f"unknown profile {profile!r}: params/{profile}.yaml not found (profiles: {PROFILES})")
-    settings = deep_merge(_read(PARAMS / "defaults.yaml"), _read(PARAMS / f"{profile}.yaml"))
+    params = Path(params)
+    if not (params / f"{profile}.yaml").is_file():
+        raise StudyError(f"unknown profile {profile!r}: {params}/{profile}.yaml not found (profiles: {PROFILES})")
+    profile_file = _read(params / f"{profile}.yaml")
+    missing = [s for s in PROFILE_SECTIONS if s not in profile_file]
+    if missing:
+        raise StudyError(f"{params}/{profile}.yaml: missing section(s) {missing}; every profile lists every "
+                         f"section (DVC tracks each): write `name: {{}}` (seeds: a list) to keep the defaults")
+    settings = deep_merge(_read(params / "defaults.yaml"), profile_file)
     settings = deep_merge(settings, overrides or {})
-    study_file = _read(PARAMS / "study.yaml")
+    study_file = _read(params / "study.yaml")
     errors = []
     validator = jsonschema.Draft202012Validator(_read(SCHEMA))
     for e in sorted(validator.iter_errors(settings), key=lambda e: list(e.path)):

@@ -254,7 +254,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
             train_loader.set_epoch(epoch)
             model.train()
             sums: dict[str, float] = {}
-            correct = seen = 0
+            correct = correct5 = seen = 0
             t0 = time.perf_counter()
             bar = tqdm(train_loader, desc=f"{cfg.name} epoch {epoch + 1}/{o.epochs}", disable=not progress,
                        leave=False, dynamic_ncols=True)
@@ -291,7 +291,9 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                 scheduler.step_update(epoch * steps_per_epoch + step + 1)
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
-                correct += (logits.argmax(1) == labels).sum().item()
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                correct += (top5[:, 0] == labels).sum().item()
+                correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
                 seen += len(labels)
                 if progress:
                     bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", acc=f"{100 * correct / seen:.1f}",
@@ -299,7 +301,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
             train_time = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    **{f"train/{k}": v / steps_per_epoch for k, v in sums.items()},
-                   "train/top1": 100 * correct / seen, "train/images_per_s": seen / train_time}
+                   "train/top1": 100 * correct / seen, "train/top5": 100 * correct5 / seen,
+                   "train/images_per_s": seen / train_time}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == o.epochs:
                 row.update({f"test/{k}": v for k, v in evaluate(model, test_loader, device, autocast).items()})
             row["epoch_time_s"] = time.perf_counter() - t0

@@ -1,8 +1,13 @@
 # Shared helpers: the study (validated before anything runs), paths and the MLflow session.
 import json
+import sys
 from pathlib import Path
 
+# The pipeline package of this checkout (not another one installed in the environment) defines the study.
+sys.path.insert(0, str(Path(workflow.basedir).parent))
+
 from pipeline import tracking
+from pipeline.report import FIGURES
 from pipeline.study import STAGE_CODE, load_study
 
 PROFILE = config["profile"]

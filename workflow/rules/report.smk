@@ -1,8 +1,6 @@
 # The report: tables beside the paper's numbers, figures and guideline verdicts (reports/<profile>/).
 REPORT = f"reports/{PROFILE}"
 TABLES = list(STUDY.tables) + ["F1"]
-FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
-           "reparameterization_error"]
 REPORT_FILES = [f"{REPORT}/README.md", f"{REPORT}/summary.json"]
 
 

@@ -1,0 +1,83 @@
+"""The study definition: resolution of runs and configs, and validation before anything runs (issue 4)."""
+import shutil
+
+import pytest
+import yaml
+
+from pipeline.study import PARAMS, StudyError, load_study
+
+
+@pytest.fixture()
+def params(tmp_path):
+    dst = tmp_path / "params"
+    shutil.copytree(PARAMS, dst)
+    return dst
+
+
+def edit(path, update):
+    data = yaml.safe_load(path.read_text())
+    update(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_the_grid_resolves():
+    study = load_study("default", check_data=False)
+    assert len(study.teacher_runs) == 2 and len(study.student_runs) == 24
+    # a variant that several tables use is one run: T3's label-free soft run is T4's first row and T5's
+    assert study.tables_of("affine-nolabel-soft") == ["T3", "T4", "T5"]
+    cfg = study.run_config("affine-mi-partial")
+    assert cfg.kd.type == "soft" and not cfg.kd.labels and cfg.kd.teacher.endswith("runs/gfnet/model.pt")
+    assert cfg.mi.teacher.endswith("runs/pooling-ce/model.pt") and cfg.partial_init == cfg.mi.teacher
+    assert (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel) == (1e-4, 1e-3, 1.0)  # Table 10
+    feature = study.run_config("identity-feature-distill").mi
+    assert feature.lambda_in == 1e-4 and feature.lambda_out == 0.0 and feature.lambda_rel == 0.0
+    assert study.run_config("gfnet").optim.epochs == 10 and cfg.optim.epochs == 4  # teacher_train
+    assert study.references("affine-mi-partial") == ["gfnet", "pooling-ce"]
+    paper = load_study("paper", check_data=False)
+    assert paper.run_config("affine-mi-partial").model == "riformer_s12"
+    assert paper.run_config("gfnet").model == "gfnet_h_b"
+
+
+@pytest.mark.parametrize("case,update,message", [
+    ("unknown model", lambda d: d.setdefault("models", {}).update(student={"name": "riformer_huge"}),
+     "models.student: unknown model 'riformer_huge'"),
+    ("negative epochs", lambda d: d.setdefault("train", {}).setdefault("optim", {}).update(epochs=-1),
+     "train.optim.epochs: -1 is less than the minimum of 1"),
+    ("unknown run override", lambda d: d["runs"].update({"no-such-variant": {}}),
+     "runs.no-such-variant: unknown variant or teacher"),
+    ("missing dataset", lambda d: d["data"].update(raw_dir="/no/such/folder"),
+     "Fashion-MNIST not found in /no/such/folder"),
+])
+def test_profile_errors(params, case, update, message):
+    edit(params / "default.yaml", update)
+    with pytest.raises(StudyError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_study("default", params=params)
+
+
+@pytest.mark.parametrize("update,message", [
+    (lambda d: d["tables"]["T2"]["rows"].append({"row": "x", "run": "no-such-variant"}),
+     "tables.T2 row x: unknown run 'no-such-variant'"),
+    (lambda d: d["variants"]["identity-label-hard"]["kd"].update(teacher="no-such-teacher"),
+     "identity-label-hard: kd.teacher names an unknown run 'no-such-teacher'"),
+    (lambda d: d["variants"]["identity-ce"].update(optim={"epochs": 0}),
+     "optim.epochs must be >= 1"),
+    (lambda d: d["variants"]["identity-ce"].update(kd={"type": "medium"}),
+     "kd.type must be none, hard or soft"),
+])
+def test_study_errors(params, update, message):
+    edit(params / "study.yaml", update)
+    with pytest.raises(StudyError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_study("default", check_data=False, params=params)
+
+
+def test_unknown_profile_and_table(params):
+    with pytest.raises(StudyError, match="unknown profile 'huge'"):
+        load_study("huge", params=params)
+    edit(params / "study.yaml", lambda d: d["tables"]["T1"].update(reference="nothing"))
+    with pytest.raises(StudyError, match="tables.T1: reference 'nothing' is not one of its rows"):
+        load_study("default", check_data=False, params=params)
+
+
+def test_image_folder_root_must_exist():
+    with pytest.raises(StudyError, match="data.root '/data/imagenet': image-folder dataset not found"):
+        load_study("paper")
