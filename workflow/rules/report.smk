@@ -15,16 +15,14 @@ rule report:
         index=f"{REPORT}/README.md",
         summary=f"{REPORT}/summary.json",
         tables=[f"{REPORT}/tables/{t}.md" for t in STUDY.tables] + [f"{REPORT}/tables/F1.md"],
-        csv=report(
-            [f"{REPORT}/tables/{t}.csv" for t in STUDY.tables],
-            category="Tables",
-            labels=lambda path: {"table": Path(path).stem},
-        ),
-        figures=report(
-            [f"{REPORT}/figures/{f}.png" for f in FIGURES],
-            category="Figures",
-            labels=lambda path: {"figure": Path(path).stem},
-        ),
+        csv=[
+            report(f"{REPORT}/tables/{t}.csv", category="Tables", labels={"table": t})
+            for t in STUDY.tables
+        ],
+        figures=[
+            report(f"{REPORT}/figures/{f}.png", category="Figures", labels={"figure": f})
+            for f in FIGURES
+        ],
         pdfs=[f"{REPORT}/figures/{f}.pdf" for f in FIGURES],
         latex=[f"{REPORT}/tables/{t}.tex" for t in STUDY.tables],
     conda:
