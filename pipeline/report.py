@@ -159,10 +159,8 @@ def fmt_delta(d: float | None, metric: str) -> str:
     return f"×{d:.3f}" if metric == THROUGHPUT else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
-def fmt_paper(p: float | None, metric: str) -> str:
-    if p is None:
-        return MISSING
-    return f"{p:.2f}" if metric != THROUGHPUT else f"{p:.2f}"
+def fmt_paper(p: float | None) -> str:
+    return MISSING if p is None else f"{p:.2f}"
 
 
 HEADERS = ["row", "metric", "ours", "paper", "Δ ours", "Δ paper", "run"]
@@ -190,7 +188,7 @@ def table_markdown(name: str, rows: list[Row], title: str, reference: str, link)
     for r in rows:
         runs = " ".join(link(rid) for rid in r.ours.run_ids) if r.ours.run_ids else (
             "not run in this project" if r.run is None else "missing")
-        lines.append(f"| {r.row} | {r.metric} | {fmt_value(r.ours, r.metric)} | {fmt_paper(r.paper, r.metric)} | "
+        lines.append(f"| {r.row} | {r.metric} | {fmt_value(r.ours, r.metric)} | {fmt_paper(r.paper)} | "
                      f"{fmt_delta(r.ours_delta, r.metric)} | {fmt_delta(r.paper_delta, r.metric)} | {runs} |")
     return "\n".join(lines) + "\n"
 
@@ -202,7 +200,7 @@ def table_latex(name: str, rows: list[Row], title: str) -> str:
            r"Row & Metric & Ours & Paper & $\Delta$ ours & $\Delta$ paper \\", r"\midrule"]
     tex = lambda s: s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")  # noqa: E731
     for r in rows:
-        cells = [esc(r.row), esc(r.metric), fmt_value(r.ours, r.metric), fmt_paper(r.paper, r.metric),
+        cells = [esc(r.row), esc(r.metric), fmt_value(r.ours, r.metric), fmt_paper(r.paper),
                  fmt_delta(r.ours_delta, r.metric), fmt_delta(r.paper_delta, r.metric)]
         out.append(" & ".join(tex(c) for c in cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]

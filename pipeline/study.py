@@ -11,7 +11,7 @@ every problem.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -68,6 +68,7 @@ class Study:
     variants: dict[str, dict]
     tables: dict[str, dict]
     results: Path
+    _configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------------- runs
     def seed_name(self, variant: str, seed: int) -> str:
@@ -153,6 +154,8 @@ class Study:
         """The resolved training config of a run: defaults < teacher_train < models < study < profile runs."""
         if run not in self.run_specs:
             raise StudyError(f"unknown run {run!r} in profile {self.profile}; known: {', '.join(self.runs)}")
+        if not overrides and not threads and run in self._configs:  # resolved once, asked for by many
+            return self._configs[run]
         role, spec, seed = self.run_specs[run]
         spec = copy.deepcopy(spec)
         model = self.settings["models"][spec.pop("model")]
@@ -175,7 +178,10 @@ class Study:
         if overrides:
             from pipeline.config import apply_overrides
             values = apply_overrides(values, overrides)
-        return config_from_dict(values)
+        cfg = config_from_dict(values)
+        if not overrides and not threads:
+            self._configs[run] = cfg
+        return cfg
 
 
 def load_study(profile: str = "default", check_data: bool = True, overrides: dict | None = None,
