@@ -74,19 +74,23 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor, warmup: int = 2,
-                       repeats: int = 7, iters: int = 3, progress: bool = True) -> dict[str, list[float]]:
-    """Images/s of each model per round, from one interleaved run (see module docstring)."""
-    device = batch.device
-    autocast = (torch.autocast(device.type, dtype=batch.dtype) if batch.dtype != torch.float32
-                else nullcontext())
+def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor | list[torch.Tensor],
+                       warmup: int = 2, repeats: int = 7, iters: int = 3,
+                       progress: bool = True) -> dict[str, list[float]]:
+    """Images/s of each model per round, from one interleaved run (see module docstring). `batch` may be a
+    list of batches (e.g. single images): one iteration then runs them all."""
+    batches = batch if isinstance(batch, list) else [batch]
+    device, dtype = batches[0].device, batches[0].dtype
+    n_images = sum(len(b) for b in batches)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     names = list(models)
     for model in models.values():
         model.eval()
     with autocast:
         for name in tqdm(names, desc="warm-up", disable=not progress, leave=False):
             for _ in range(warmup):
-                models[name](batch)
+                for b in batches:
+                    models[name](b)
         _sync(device)
         samples = {name: [] for name in names}
         for r in tqdm(range(repeats), desc="throughput rounds", disable=not progress, leave=False):
@@ -95,22 +99,25 @@ def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor, 
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(iters):
-                    models[name](batch)
+                    for b in batches:
+                        models[name](b)
                 _sync(device)
-                samples[name].append(iters * batch.shape[0] / (time.perf_counter() - start))
+                samples[name].append(iters * n_images / (time.perf_counter() - start))
     return samples
 
 
 def benchmark_models(models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int], batch_size: int,
                      device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
                      repeats: int = 7, iters: int = 3, reference: str | None = None,
-                     progress: bool = True) -> dict:
-    """Params, MACs and interleaved throughput of several models, as one JSON-ready record."""
+                     progress: bool = True, images: torch.Tensor | None = None) -> dict:
+    """Params, MACs and interleaved throughput of several models, as one JSON-ready record. The batch is
+    `images` (real test images: input-dependent models such as AdaViT need them) or random numbers."""
     rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
     models = {name: m.to(device) for name, m in models.items()}
     if device.type == "cuda":
         models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
-    batch = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    batch = (images[:batch_size].to(device, dtype) if images is not None
+             else torch.randn(batch_size, *input_shape, device=device, dtype=dtype))
     samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
     for name, s in samples.items():
         rows[name]["throughput"] = summarize(s)
@@ -145,7 +152,7 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int) -> to
 
 
 # model_kwargs that do not change the deploy architecture
-_NOT_ARCH = ("drop_path_rate", "affine_init", "drop_rate")
+_NOT_ARCH = ("drop_path_rate", "affine_init", "drop_rate", "decision_bias")
 
 
 def architecture_label(model: str, kwargs: dict) -> str:
@@ -174,18 +181,36 @@ def study_benchmark(study, threads: int | None = None) -> dict:
         ckpt = load_checkpoint(study.model_path(affine_run))
         models[architecture_label(ckpt["model"], ckpt["model_kwargs"]) + " (training form)"] = \
             model_from_checkpoint(ckpt)
+    from pipeline.adaptive import FastPath, adaptive_speedup
+
+    adaptive = [r for r in runs if study.is_adaptive(r)]
+    for run in adaptive:  # AdaViT: its fast path beside its masked path
+        models[fast_path_label(runs[run])] = FastPath(models[runs[run]])
     t6 = study.tables["T6"]
     reference_run = next(r["run"] for r in t6["rows"] if r["row"] == t6["reference"])
     b = study.settings["evaluate"]["benchmark"]
     torch.set_num_threads(threads or b["threads"])
-    from pipeline.data import load_prepared
-    in_chans = load_prepared(study.data_dir).meta["in_chans"]
+    from pipeline.data import build_loader, load_prepared
+    prepared = load_prepared(study.data_dir)
+    in_chans = prepared.meta["in_chans"]
     img = study.settings["train"]["data"]["img_size"]
-    result = benchmark_models(models, (in_chans, img, img), b["batch_size"], torch.device(b["device"]),
-                              getattr(torch, b["dtype"]), b["warmup"], b["repeats"], b["iters"],
-                              reference=runs[reference_run])
-    result.update(profile=study.profile, runs=runs, protocol="study")
+    n_images = max(b["batch_size"], b["adaptive"]["images"] if adaptive else 0)
+    images = next(iter(build_loader(prepared, "test", n_images, img, train=False)))[0]
+    device, dtype = torch.device(b["device"]), getattr(torch, b["dtype"])
+    result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, dtype, b["warmup"],
+                              b["repeats"], b["iters"], reference=runs[reference_run], images=images)
+    result.update(profile=study.profile, runs=runs, protocol="study", adaptive={})
+    for run in adaptive:  # speed-up over the dense DeiT it was initialised from, at batch 1 and grouped
+        dense = runs[study.init_source(run)]
+        a = b["adaptive"]
+        result["adaptive"][run] = {"dense": dense, **adaptive_speedup(
+            models[dense].to(device), models[runs[run]].to(device), images.to(device, dtype), b["batch_size"],
+            a["batch_1_images"], b["warmup"], b["repeats"], b["iters"])}
     return result
+
+
+def fast_path_label(label: str) -> str:
+    return label + " (fast path)"
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -71,6 +71,18 @@ class MICfg:
 
 
 @dataclass
+class UsageCfg:
+    """AdaViT's usage loss (pipeline/losses.py:UsageLoss): targets of the kept fractions and their weights;
+    applies only to a model that makes AdaViT decisions."""
+    head_target: float = 0.5
+    block_target: float = 0.5
+    patch_target: float = 0.5
+    head_weight: float = 2.0
+    block_weight: float = 2.0
+    patch_weight: float = 2.0
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"                    # stable variant name
     role: str = "student"                # teacher | student
@@ -89,6 +101,7 @@ class TrainConfig:
     optim: OptimCfg = field(default_factory=OptimCfg)
     kd: KDCfg = field(default_factory=KDCfg)
     mi: MICfg = field(default_factory=MICfg)
+    usage: UsageCfg = field(default_factory=UsageCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +176,11 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("feature_reduction", "rel_reduction"):
         if getattr(cfg.mi, key) not in ("mean", "sample_sum"):
             errors.append(f"mi.{key} must be mean or sample_sum")
+    u = cfg.usage
+    if not all(0 <= t <= 1 for t in (u.head_target, u.block_target, u.patch_target)):
+        errors.append("usage targets must be kept fractions in [0, 1]")
+    if min(u.head_weight, u.block_weight, u.patch_weight) < 0:
+        errors.append("usage weights must be >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):
         errors.append(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if errors:

@@ -85,6 +85,9 @@ def render(study: Study) -> str:
         "metrics": [{f"{R}/eval/{r}.json": {"cache": False}} for r in study.runs]
                    + [{f"{R}/benchmark.json": {"cache": False}}],
     }
+    decisions = [f"{R}/eval/{r}.decisions.json" for r in study.runs if study.is_adaptive(r)]
+    if decisions:
+        stages["evaluate"]["outs"] = [{d: {"cache": False}} for d in decisions]
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
         "deps": STAGE_CODE["latency-breakdown"],
@@ -94,7 +97,7 @@ def render(study: Study) -> str:
     stages["report"] = {
         "cmd": "python -m pipeline report --profile ${profile}",
         "deps": (STAGE_CODE["report"] + [f"{R}/benchmark.json", f"{R}/latency.json"]
-                 + [f"{R}/eval/{r}.json" for r in study.runs]),
+                 + [f"{R}/eval/{r}.json" for r in study.runs] + decisions),
         "params": [{"params/study.yaml": ["tables"]}],
         "outs": [{f"reports/${{profile}}/{f}": {"cache": False}} for f in ("README.md", "tables")],
         "metrics": [{"reports/${profile}/summary.json": {"cache": False}}],

@@ -1,5 +1,7 @@
 """`python -m pipeline evaluate --profile P`: test top-1/top-5, params and MACs of every run's deploy model, and
 the throughput of every deploy architecture of the study in one interleaved benchmark on the same device.
+AdaViT runs also get their fast path checked against the masked path, expected MACs averaged over the test
+set (their `macs`), usage ratios, decision examples for the report, and their speed-up over the dense DeiT.
 
 The deploy model is the re-parameterized checkpoint for affine students and the trained one otherwise.
 A checkpoint whose config digest differs from the run's current config is a stale result (for example
@@ -53,6 +55,15 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
         "train_run_id": train_metrics["run_id"], "config_digest": ckpt["config_digest"],
         "data_hash": prepared.data_hash, "seed": study.run_config(run).seed, "tables": study.tables_of(run),
     }
+    if study.is_adaptive(run):  # AdaViT: both paths, and the expected MACs the paper reports
+        from pipeline.adaptive import decision_examples, evaluate_adaptive
+        ada = evaluate_adaptive(model, loader)
+        result.update(ada, macs=ada["expected_macs"]["mean"], macs_counted_dense=result["macs"])
+        n = study.settings["evaluate"]["decision_examples"]
+        images, labels = next(iter(build_loader(prepared, "test", n, img_size, train=False)))
+        write_json(study.decisions_path(run), decision_examples(model, images, labels,
+                                                                model.patch_embed.patch_size[0]))
+        mlflow.log_metrics({f"expected_macs/{run}": result["macs"], f"fast_path_top1/{run}": ada["fast_path"]["top1"]})
     if study.needs_reparameterize(run):
         result["reparam_max_abs_logit_diff"] = read_json(study.deploy_dir(run) / "reparam.json")[
             "max_abs_logit_diff"]

@@ -39,7 +39,7 @@ def make_all(study, results, tables, paper, folder: Path) -> list[str]:
     _style()
     figs = [accuracy_throughput(study, results, paper, folder), ablation_bars(tables, folder),
             training_curves(study, results, folder), latency(results.latency, paper, folder),
-            reparam_errors(study, folder)]
+            reparam_errors(study, folder), adavit_decisions(study, folder)]
     assert figs == FIGURES, figs
     return figs
 
@@ -225,3 +225,37 @@ def reparam_errors(study, folder: Path) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, folder, "reparameterization_error")
+
+
+def adavit_decisions(study, folder: Path) -> str:
+    """AdaViT: which patches each block kept on a few test images (dropped patches dimmed); a block whose
+    attention and MLP were both gated off is marked 'skipped'."""
+    import numpy as np
+
+    from pipeline.io import read_json
+
+    runs = [r for r in study.runs if study.is_adaptive(r) and study.decisions_path(r).exists()]
+    if not runs:
+        return placeholder(folder, "adavit_decisions", "AdaViT decisions")
+    d = read_json(study.decisions_path(runs[0]))
+    images, patch, block = np.array(d["images"]), np.array(d["patch"]), np.array(d["block"])
+    (gh, gw), p = d["grid"], d["patch_size"]
+    n, depth = patch.shape[:2]
+    fig, axes = plt.subplots(n, depth + 1, figsize=(1.25 * (depth + 1), 1.3 * n), squeeze=False)
+    for i in range(n):
+        img = images[i]
+        axes[i, 0].imshow(img, cmap="gray")
+        axes[i, 0].set_title(f"label {d['labels'][i]} / pred {d['pred'][i]}", fontsize=6)
+        for j in range(depth):
+            kept = np.kron(patch[i, j].reshape(gh, gw), np.ones((p, p)))[: img.shape[0], : img.shape[1]]
+            ax = axes[i, j + 1]
+            ax.imshow(img * (0.25 + 0.75 * kept), cmap="gray", vmin=img.min(), vmax=img.max())
+            gated = j >= depth - block.shape[1] and not block[i, j - (depth - block.shape[1])].any()
+            title = "skipped" if gated else f"block {j + 1}: {int(patch[i, j].sum())}/{gh * gw}"
+            ax.set_title(title, fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"AdaViT ({runs[0]}): patches kept per block (dimmed: dropped)", fontsize=8)
+    fig.tight_layout()
+    return save(fig, folder, "adavit_decisions")

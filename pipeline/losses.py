@@ -3,6 +3,7 @@
 `DistillationLoss` follows DeiT's losses.py: one switch for none / hard / soft, alpha and tau.
 `ModuleImitation` hooks matched blocks of the student and its same-shape PoolFormer teacher and returns
 L'_in (block outputs), L_out (token-mixer outputs) and L_rel (token-relation matrices of the mixer outputs).
+`UsageLoss` is AdaViT's computational-budget term on the kept fractions of patches, heads and blocks.
 """
 from __future__ import annotations
 
@@ -142,3 +143,21 @@ class ModuleImitation:
     def remove(self):
         self.student.remove()
         self.teacher.remove()
+
+
+class UsageLoss(nn.Module):
+    """AdaViT: w_h |mean(head) - t_h| + w_b |mean(block) - t_b| + w_p (mean(patch) - t_p)^2, where each mean is
+    the kept fraction over the batch, the blocks and the units (lightvit_adavit.md; weights 2, targets 0.5)."""
+
+    def __init__(self, targets: dict[str, float], weights: dict[str, float]):
+        super().__init__()
+        self.targets, self.weights = targets, weights
+
+    def forward(self, decisions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = {}
+        for kind in ("head", "block"):
+            if self.weights[kind] > 0:
+                terms[f"usage_{kind}"] = self.weights[kind] * (decisions[kind].mean() - self.targets[kind]).abs()
+        if self.weights["patch"] > 0:
+            terms["usage_patch"] = self.weights["patch"] * (decisions["patch"].mean() - self.targets["patch"]) ** 2
+        return terms

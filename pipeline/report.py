@@ -3,7 +3,8 @@
 Inputs are the results of the other stages (eval/<run>.json, benchmark.json, latency.json, histories) and
 the project's copy of the paper's numbers (params/paper_results.csv). A missing result is shown as missing;
 it never stops the report. Each table compares changes: every row gives ours and the paper's value and
-both changes relative to the table's reference row (top-1: difference in points; throughput: ratio).
+both changes relative to the table's reference row (top-1: difference in points; throughput, params and
+MACs: ratio).
 Several seeds of a variant give mean +- std and n. Outputs (reports/<profile>/): README.md (the index),
 tables/<T>.{md,tex,csv}, figures/*.{png,pdf} (fixed metadata: a rerun that changes nothing gives
 byte-identical files), summary.json.
@@ -20,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.benchmark import fast_path_label
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.study import Study, load_study
 
 PAPER_CSV = Path(__file__).resolve().parent.parent / "params" / "paper_results.csv"
 THROUGHPUT = "throughput"
+THROUGHPUT_FAST = "throughput_fast"  # AdaViT's fast inference path
+# metrics read from eval/<run>.json, with their scale; like throughput, their change is a ratio
+SIZE_METRICS = {"params_m": ("params", 1e6), "macs_g": ("macs", 1e9)}
+RATIO_METRICS = (THROUGHPUT, THROUGHPUT_FAST, *SIZE_METRICS)
 MISSING = "—"
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
-           "reparameterization_error"]
+           "reparameterization_error", "adavit_decisions"]
 GUIDELINES = {
     1: "Soft distillation without ground-truth labels is best for a token-mixer-free student.",
     2: "The affine re-parameterization alone, without tailored distillation, hardly helps.",
@@ -85,17 +91,21 @@ class Results:
         v = Value()
         if variant is None:
             return v
-        if metric == THROUGHPUT:
-            if self.benchmark and variant in self.benchmark.get("runs", {}):
-                row = self.benchmark["models"][self.benchmark["runs"][variant]]["throughput"]
+        if metric in (THROUGHPUT, THROUGHPUT_FAST):
+            label = (self.benchmark or {}).get("runs", {}).get(variant)
+            if label and metric == THROUGHPUT_FAST:
+                label = fast_path_label(label)
+            if label and label in self.benchmark["models"]:
+                row = self.benchmark["models"][label]["throughput"]
                 v.samples, v.spread = [row["median"]], (row["min"], row["max"])
                 ev = self.evals.get(variant)
                 v.run_ids = [ev["train_run_id"]] if ev else []
             return v
+        key, scale = SIZE_METRICS.get(metric, ("test_top1", 1.0))
         for run in self.seed_runs(variant):
             ev = self.evals.get(run)
-            if ev is not None:
-                v.samples.append(ev["test_top1"])
+            if ev is not None and key in ev:
+                v.samples.append(ev[key] / scale)
                 v.run_ids.append(ev["train_run_id"])
         return v
 
@@ -140,14 +150,16 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
 def _delta(metric: str, value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None:
         return None
-    return value / reference if metric == THROUGHPUT else value - reference
+    return value / reference if metric in RATIO_METRICS else value - reference
 
 
 def fmt_value(v: Value, metric: str) -> str:
     if not v.ok:
         return MISSING
-    if metric == THROUGHPUT:
+    if metric in (THROUGHPUT, THROUGHPUT_FAST):
         return f"{v.mean:.0f} [{v.spread[0]:.0f}, {v.spread[1]:.0f}]" if v.spread else f"{v.mean:.0f}"
+    if metric in SIZE_METRICS:
+        return f"{v.mean:.4g}"
     if v.n > 1:
         return f"{v.mean:.2f} ± {v.std:.2f} (n={v.n})"
     return f"{v.mean:.2f}"
@@ -156,7 +168,7 @@ def fmt_value(v: Value, metric: str) -> str:
 def fmt_delta(d: float | None, metric: str) -> str:
     if d is None:
         return MISSING
-    return f"×{d:.3f}" if metric == THROUGHPUT else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+    return f"×{d:.3f}" if metric in RATIO_METRICS else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
 def fmt_paper(p: float | None) -> str:
@@ -183,8 +195,9 @@ def _num(x: float | None) -> str:
 
 
 def table_markdown(name: str, rows: list[Row], title: str, reference: str, link) -> str:
-    lines = [f"### {name}: {title}", "", f"Reference row: `{reference}`. Δ: top-1 in points, throughput as a ratio.",
-             "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = [f"### {name}: {title}", "",
+             f"Reference row: `{reference}`. Δ: top-1 in points, throughput / params / MACs as a ratio.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
         runs = " ".join(link(rid) for rid in r.ours.run_ids) if r.ours.run_ids else (
             "not run in this project" if r.run is None else "missing")
@@ -263,7 +276,11 @@ def guideline_verdicts(tables: dict[str, list[Row]], hardly_pp: float = 0.5) -> 
                        f"T5 {m}: GFNet teacher − PoolFormer teacher") for m in ("top1_wo_mi", "top1_w_mi")]
     known = [d["ours"] for d in deltas if d["ours"] is not None]
     ok = all(k > 0 for k in known) if known else None
-    out.append(_verdict(4, ok, deltas))
+    # LightViT (global through its global tokens) as a second large-receptive-field teacher: shown, not voted
+    deltas += [_compare(_cell(tables, "T5", "lightvit_tiny", m), _cell(tables, "T5", "poolformer_m48", m),
+                        f"T5 {m}: LightViT teacher − PoolFormer teacher (not in the paper)")
+               for m in ("top1_wo_mi", "top1_w_mi") if _cell(tables, "T5", "lightvit_tiny", m) is not None]
+    out.append(_verdict(4, ok, deltas, "verdict from the paper's GFNet − PoolFormer deltas"))
     # 5: partial loading improves
     deltas = [_compare(_cell(tables, "PL", "mi-gfnet-partial-init"), _cell(tables, "PL", "mi-gfnet"),
                        "PL: partial init − none")]
@@ -335,11 +352,61 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
     _write_text(out / "tables" / "F1.md", f1)
     verdicts = guideline_verdicts(tables, study.settings.get("report", {}).get("hardly_helps_pp", 0.5))
     figs = figures.make_all(study, results, tables, paper, out / "figures")
-    summary = {"profile": study.profile, "verdicts": verdicts, "figures": figs,
+    adaptive = adaptive_summary(study, results)
+    summary = {"profile": study.profile, "verdicts": verdicts, "figures": figs, "adaptive": adaptive,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for rows in tables.values() for r in rows if not r.ours.ok]}
     write_json(out / "summary.json", summary)
+    md_tables.append(adaptive_markdown(adaptive))
     _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s))
     return summary
+
+
+def adaptive_summary(study: Study, results: Results) -> dict:
+    """Per AdaViT run: accuracy on both paths, expected vs dense MACs, usage, and the measured speed-ups."""
+    out = {}
+    for run in (r for r in study.runs if study.is_adaptive(r)):
+        ev, dense_run = results.evals.get(run), study.init_source(run)
+        dense = results.evals.get(dense_run) if dense_run else None
+        speed = ((results.benchmark or {}).get("adaptive") or {}).get(run, {})
+        if ev is None or "fast_path" not in ev:
+            continue
+        out[run] = {
+            "top1": ev["test_top1"], "fast_path_top1": ev["fast_path"]["top1"],
+            "fast_path_max_abs_logit_diff": ev["fast_path"]["max_abs_logit_diff"],
+            "expected_mmacs": ev["expected_macs"]["mean"] / 1e6, "usage": ev["usage"],
+            "dense_run": dense_run, "dense_top1": dense["test_top1"] if dense else None,
+            "dense_mmacs": dense["macs"] / 1e6 if dense else None,
+            "speed": {setting: {path: row["ratio_to_dense"] for path, row in rows.items() if path != "images"}
+                      for setting, rows in speed.items() if setting != "dense"},
+        }
+    return out
+
+
+def adaptive_markdown(adaptive: dict) -> str:
+    lines = ["### AdaViT: both inference paths against the dense DeiT", ""]
+    if not adaptive:
+        return "\n".join(lines + [f"{MISSING} (no AdaViT result)", ""])
+    lines += ["Top-1 of the masked path (the reference's inference) and of the fast path (kept patches gathered, "
+              "dropped heads sliced away, gated branches skipped); expected MACs averaged over the test set; "
+              "speed-up = images/s ÷ the dense DeiT's, median [min, max] over interleaved rounds.", "",
+              "| run | top-1 masked / fast | max \\|Δlogit\\| | dense top-1 | expected MMACs (dense) | kept patches / "
+              "heads / blocks | setting | masked ÷ dense | fast ÷ dense |", "|" + "---|" * 9]
+    for run, a in adaptive.items():
+        u = a["usage"]
+        first = (f"| {run} | {a['top1']:.2f} / {a['fast_path_top1']:.2f} | {a['fast_path_max_abs_logit_diff']:.1e} | "
+                 + (f"{a['dense_top1']:.2f}" if a["dense_top1"] is not None else MISSING) + " | "
+                 + f"{a['expected_mmacs']:.2f} (" + (f"{a['dense_mmacs']:.2f}" if a["dense_mmacs"] else MISSING)
+                 + f") | {u['patch']:.2f} / {u['head']:.2f} / {u['block']:.2f} |")
+        speed = a["speed"] or {MISSING: {}}
+        for i, (setting, paths) in enumerate(speed.items()):
+            cells = [_ratio(paths.get("masked")), _ratio(paths.get("fast"))]
+            lead = first if i == 0 else "| | | | | | |"
+            lines.append(f"{lead} {setting.replace('_', ' ')} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(r: dict | None) -> str:
+    return MISSING if not r else f"×{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
 
 
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],

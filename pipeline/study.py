@@ -29,12 +29,13 @@ REF_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None,
 
 
 # The code each stage runs: a change to it reruns the stage in both drivers (and nothing else).
-_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py"]
+_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py",
+           "pipeline/models/lightvit.py", "pipeline/models/adavit.py"]
 STAGE_CODE = {
     "prepare-data": ["pipeline/data.py"],
     "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py"] + _MODELS,
     "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
-    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py"] + _MODELS,
+    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py"] + _MODELS,
     "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
     "report": ["pipeline/report.py", "pipeline/figures.py", "params/paper_results.csv"],
 }
@@ -140,6 +141,19 @@ class Study:
     @property
     def latency_path(self) -> Path:
         return self.results / "latency.json"
+
+    def decisions_path(self, run: str) -> Path:
+        """AdaViT runs: the patches each block kept on a few test images (the report's figure)."""
+        return self.results / "eval" / f"{run}.decisions.json"
+
+    def is_adaptive(self, run: str) -> bool:
+        """An AdaViT run (registry names ada_*): evaluated on both inference paths, with expected MACs."""
+        return self.run_config(run).model.startswith("ada_")
+
+    def init_source(self, run: str) -> str | None:
+        """The run whose checkpoint this run is initialised from (`init:`), if it is a run of the study."""
+        value = self.run_specs[run][1].get("init")
+        return value if value in self.run_specs else None
 
     def needs_reparameterize(self, run: str) -> bool:
         cfg = self.run_config(run)

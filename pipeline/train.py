@@ -36,7 +36,7 @@ from pipeline import tracking
 from pipeline.config import TrainConfig, apply_overrides, config_from_dict
 from pipeline.data import Prepared, build_loader, load_prepared
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
-from pipeline.losses import DistillationLoss, ModuleImitation, default_blocks
+from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss, default_blocks
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -206,6 +206,11 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                    num_classes=kwargs["num_classes"]) if d.mixup > 0 or d.cutmix > 0 else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     criterion = DistillationLoss(base, cfg.kd.type, cfg.kd.alpha, cfg.kd.tau, cfg.kd.labels)
+    usage = None
+    if hasattr(model, "decisions"):  # AdaViT: the usage loss on its kept fractions
+        u = cfg.usage
+        usage = UsageLoss({"head": u.head_target, "block": u.block_target, "patch": u.patch_target},
+                          {"head": u.head_weight, "block": u.block_weight, "patch": u.patch_weight})
     imitation = None
     if mi_on:
         depths = [len(s.blocks) for s in model.stages]
@@ -275,6 +280,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                                 mi_teacher(images)
                     logits = model(images)
                     terms = criterion(logits.float(), targets, teacher_logits)
+                    if usage is not None:
+                        terms.update(usage(model.decisions))
                     if imitation is not None:
                         terms.update({k: v.float() for k, v in imitation(epoch * steps_per_epoch + step).items()})
                 loss = sum(terms.values())

@@ -13,6 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.study import load_study
+
 REPO = Path(__file__).resolve().parent.parent
 COPY = ["pipeline", "params", "workflow", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 BIN = str(Path(sys.executable).parent)
@@ -135,12 +137,15 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     data = _tiny_imagefolder(tmp_path / "imagenet")
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "16", "--config", "profile=paper", f"data_root={data}"))
-    assert jobs["train_student"] == 24 and jobs["train_teacher"] == 2 and jobs["report"] == 1
+    study = load_study("paper", check_data=False)
+    assert jobs["train_student"] == len(study.student_runs) and jobs["train_teacher"] == len(study.teacher_runs)
+    assert jobs["report"] == 1
     set_params(ws, "params.yaml", lambda d: d.update(profile="paper"))
     set_params(ws, "params/paper.yaml", lambda d: d["data"].update(root=str(data)))
     # DVC's --dry needs --force while upstream outputs do not exist yet (treeverse/dvc#9021)
     plan = sh(ws, "dvc", "repro", "--dry", "--force")
-    assert plan.count("Running stage 'train-") == 26 and "python -m pipeline report --profile paper" in plan
+    assert plan.count("Running stage 'train-") == len(study.runs)
+    assert "python -m pipeline report --profile paper" in plan
 
     def one_batch(d):
         d["train"].update(threads=2, device="cpu")
@@ -153,13 +158,21 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     set_params(ws, "params/paper.yaml", one_batch)
     py = ["python", "-m", "pipeline"]
     sh(ws, *py, "prepare-data", "--profile", "paper")
-    for run in ("gfnet", "pooling-ce", "affine-mi-partial"):  # logit teacher, imitation teacher, final student
+    # logit teacher, imitation teacher, final student, LightViT-T (T6 row, T5 teacher), DeiT-S and AdaViT-S
+    for run in ("gfnet", "pooling-ce", "affine-mi-partial", "lightvit", "deit", "adavit"):
         sh(ws, *py, "train", "--profile", "paper", "--run", run, "--no-progress")
     sh(ws, *py, "reparameterize", "--profile", "paper", "--run", "affine-mi-partial", "--num-images", "2")
-    sh(ws, *py, "evaluate", "--profile", "paper", "--run", "affine-mi-partial")
+    for run in ("affine-mi-partial", "lightvit", "adavit"):
+        sh(ws, *py, "evaluate", "--profile", "paper", "--run", run)
     sh(ws, *py, "latency-breakdown", "--profile", "paper")
     sh(ws, *py, "report", "--profile", "paper")
     evaluated = json.loads((ws / "results/paper/eval/affine-mi-partial.json").read_text())
     assert evaluated["model"] == "riformer_s12" and evaluated["params"] == 11_915_176 - 1000 * 513 + 2 * 513
+    lightvit = json.loads((ws / "results/paper/eval/lightvit.json").read_text())
+    assert lightvit["model"] == "lightvit_tiny" and lightvit["params"] == 9_377_698 - 1000 * 1281 + 2 * 1281
+    adavit = json.loads((ws / "results/paper/eval/adavit.json").read_text())
+    assert adavit["model"] == "ada_deit_small" and adavit["fast_path"]["max_abs_logit_diff"] < 1e-3
+    assert adavit["macs"] < adavit["macs_counted_dense"]  # expected MACs of its decisions, not the dense count
+    assert len(json.loads((ws / "results/paper/eval/adavit.decisions.json").read_text())["patch"][0]) == 12
     summary = json.loads((ws / "reports/paper/summary.json").read_text())
     assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 from pipeline.report import build_table, guideline_verdicts, load_paper, write_report
 from pipeline.study import load_study
 
@@ -22,16 +22,26 @@ def fake_results(study, top1, seeds_std=0.0):
             continue
         value = top1(variant) + rng.gauss(0, seeds_std)
         write_json(study.eval_path(run), {"run": run, "test_top1": value, "test_top5": 99.0,
-                                          "train_run_id": hashlib.md5(run.encode()).hexdigest()})
+                                          "params": 2_000_000 if variant == "lightvit" else 1_000_000,
+                                          "macs": 5e8, "train_run_id": hashlib.md5(run.encode()).hexdigest()})
+        if study.is_adaptive(run):
+            write_json(study.eval_path(run), {**read_json(study.eval_path(run)), "macs": 2.5e8,
+                       "expected_macs": {"mean": 2.5e8, "min": 2e8, "max": 3e8},
+                       "usage": {"patch": 0.5, "head": 0.6, "block": 0.7},
+                       "fast_path": {"top1": value, "argmax_agreement": 1.0, "max_abs_logit_diff": 1e-7}})
         write_json(study.run_dir(run) / "metrics.json", {"train_wall_time_s": 10.0})
         write_json(study.run_dir(run) / "history.json",
                    [{"epoch": e, "test/top1": value - 3 + e, "train/kd_soft": 1.0 / e, "train/mi_in": 0.1 / e}
                     for e in (1, 2, 3)])
-    archs = {r: ("pool" if "pooling" in r else "rif") for r in study.runs}
+    archs = {r: ("pool" if "pooling" in r else "ada" if study.is_adaptive(r) else "rif") for r in study.runs}
+    ratio = {"median": 1.5, "min": 1.4, "max": 1.6}
     write_json(study.benchmark_path, {
         "device_name": "test CPU", "reference": "pool", "runs": archs,
         "models": {"pool": {"throughput": {"median": 100.0, "min": 90.0, "max": 110.0}},
-                   "rif": {"throughput": {"median": 120.0, "min": 110.0, "max": 130.0}}}})
+                   "rif": {"throughput": {"median": 120.0, "min": 110.0, "max": 130.0}},
+                   "ada": {"throughput": {"median": 80.0, "min": 70.0, "max": 90.0}},
+                   "ada (fast path)": {"throughput": {"median": 160.0, "min": 150.0, "max": 170.0}}},
+        "adaptive": {"adavit": {"dense": "rif", "batch_1": {"images": 4, "fast": {"ratio_to_dense": ratio}}}}})
     write_json(study.latency_path, {
         "device_name": "test CPU", "batch_size": 2, "img_size": 224,
         "steps": [{"step": s, "cumulative_ms": 10.0 * (i + 1), "min_ms": 9.0, "max_ms": 11.0}
@@ -82,6 +92,16 @@ def test_tables_with_a_missing_run(study, tmp_path):
     assert "not run in this project" in (out / "tables" / "T5.md").read_text()  # Swin-B, ViG rows
     t8 = (out / "tables" / "T8.md").read_text()
     assert "×1.200" in t8  # throughput deltas are ratios
+    readme = (out / "README.md").read_text()
+    t6 = {(r["row"], r["metric"]): r for r in csv.DictReader(open(out / "tables" / "T6.csv"))}
+    assert float(t6["lightvit_tiny", "params_m"]["ours_mean"]) == 2.0  # params and MACs in M / G, Δ a ratio
+    assert float(t6["lightvit_tiny", "params_m"]["ours_delta"]) == 2.0
+    assert float(t6["lightvit_tiny", "macs_g"]["ours_mean"]) == 0.5 and t6["lightvit_tiny", "macs_g"]["paper"] == "0.7"
+    assert float(t6["ada_deit_small", "throughput_fast"]["ours_mean"]) == 160.0  # AdaViT's fast path
+    assert float(t6["ada_deit_small", "macs_g"]["ours_mean"]) == 0.25  # expected MACs
+    assert "| adavit | " in readme and "×1.50 [1.40, 1.60]" in readme  # the AdaViT speed-up section
+    t5 = (out / "tables" / "T5.md").read_text()
+    assert "| lightvit_tiny | top1_w_mi |" in t5  # LightViT as a logit-teacher type, no paper value
     readme = (out / "README.md").read_text()
     for name in summary["figures"]:
         assert f"figures/{name}.png" in readme

@@ -22,7 +22,7 @@ def edit(path, update):
 
 def test_the_grid_resolves():
     study = load_study("default", check_data=False)
-    assert len(study.teacher_runs) == 2 and len(study.student_runs) == 24
+    assert len(study.teacher_runs) == 4 and len(study.student_runs) == 27
     # a variant that several tables use is one run: T3's label-free soft run is T4's first row and T5's
     assert study.tables_of("affine-nolabel-soft") == ["T3", "T4", "T5"]
     cfg = study.run_config("affine-mi-partial")
@@ -33,6 +33,9 @@ def test_the_grid_resolves():
     assert feature.lambda_in == 1e-4 and feature.lambda_out == 0.0 and feature.lambda_rel == 0.0
     assert study.run_config("gfnet").optim.epochs == 10 and cfg.optim.epochs == 4  # teacher_train
     assert study.references("affine-mi-partial") == ["gfnet", "pooling-ce"]
+    # AdaViT fine-tunes the dense DeiT run; the LightViT run is T6's row and a T5 logit teacher
+    assert study.init_source("adavit") == "deit" and study.run_config("adavit").init.endswith("runs/deit/model.pt")
+    assert study.is_adaptive("adavit") and not study.is_adaptive("deit") and study.tables_of("lightvit") == ["T5", "T6"]
     paper = load_study("paper", check_data=False)
     assert paper.run_config("affine-mi-partial").model == "riformer_s12"
     assert paper.run_config("gfnet").model == "gfnet_h_b"

@@ -3,9 +3,10 @@
 RIFormer family: riformer_s12/s24/s36/m36/m48, riformer_nano (token_mixer='affine'|'identity'|'pooling'),
 poolformer_nano, poolformer_s9, poolformer_xs12. GFNet family: gfnet_h_ti/h_s/h_b, gfnet_b, gfnet_nano.
 LightViT family: lightvit_tiny/small/base, lightvit_nano (a modified LightViT for 32x32 inputs).
+AdaViT family: ada_deit_tiny/small/nano and the dense deit_nano (DeiT-Ti/S come from timm itself).
 PoolFormer S12..M48 come from timm itself.
 """
-from . import gfnet, lightvit, riformer  # noqa: F401  (registration side effect)
+from . import adavit, gfnet, lightvit, riformer  # noqa: F401  (registration side effect)
 from .riformer import TOKEN_MIXERS, Affine, RIFormer, RIFormerBlock, metaformer_blocks
 
 __all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock", "metaformer_blocks"]

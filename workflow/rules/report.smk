@@ -8,6 +8,7 @@ rule report:
     input:
         code=STAGE_CODE["report"],
         evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
+        decisions=[str(STUDY.decisions_path(r)) for r in STUDY.runs if STUDY.is_adaptive(r)],
         histories=[str(STUDY.run_dir(r) / "history.json") for r in STUDY.runs],
         benchmark=f"{R}/benchmark.json",
         latency=f"{R}/latency.json",
