@@ -58,7 +58,7 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
     if study.is_adaptive(run):  # AdaViT: both paths, and the expected MACs the paper reports
         from pipeline.adaptive import decision_examples, evaluate_adaptive
         ada = evaluate_adaptive(model, loader)
-        result.update(ada, macs=ada["expected_macs"]["mean"], macs_counted_dense=result["macs"])
+        result.update(ada, macs=ada["expected_macs"]["mean"], macs_masked_path=result["macs"])
         n = study.settings["evaluate"]["decision_examples"]
         images, labels = next(iter(build_loader(prepared, "test", n, img_size, train=False)))
         write_json(study.decisions_path(run), decision_examples(model, images, labels,

@@ -172,7 +172,7 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     assert lightvit["model"] == "lightvit_tiny" and lightvit["params"] == 9_377_698 - 1000 * 1281 + 2 * 1281
     adavit = json.loads((ws / "results/paper/eval/adavit.json").read_text())
     assert adavit["model"] == "ada_deit_small" and adavit["fast_path"]["max_abs_logit_diff"] < 1e-3
-    assert adavit["macs"] < adavit["macs_counted_dense"]  # expected MACs of its decisions, not the dense count
+    assert adavit["macs"] < adavit["macs_masked_path"]  # expected MACs of its decisions, not the dense count
     assert len(json.loads((ws / "results/paper/eval/adavit.decisions.json").read_text())["patch"][0]) == 12
     summary = json.loads((ws / "reports/paper/summary.json").read_text())
     assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing
