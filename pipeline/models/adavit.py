@@ -44,6 +44,7 @@ depth (6 blocks), MLP ratio 4.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -62,14 +63,18 @@ DECISIONS = ("patch", "head", "block")
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float, threshold: float, training: bool) -> torch.Tensor:
-    """Hard 0/1 decisions; in training, Gumbel-sigmoid samples with a straight-through gradient."""
+    """Hard 0/1 decisions; in training, Gumbel-sigmoid samples with a straight-through gradient. In evaluation
+    sigmoid(logit) > threshold, taken as logit > log(t / (1 - t)) (one comparison, the same in both paths)."""
     if training:
         g1 = -torch.empty_like(logits).exponential_().log()
         g2 = -torch.empty_like(logits).exponential_().log()
         soft = ((logits + g1 - g2) / tau).sigmoid()
+        hard = (soft > threshold).to(soft.dtype)
     else:
+        hard = (logits > math.log(threshold / (1 - threshold))).to(logits.dtype)
+        if not torch.is_grad_enabled():
+            return hard
         soft = logits.sigmoid()
-    hard = (soft > threshold).to(soft.dtype)
     return hard - soft.detach() + soft
 
 
@@ -142,54 +147,80 @@ class AdaBlock(nn.Module):
         """Eval only: the same result as `forward`, computing only the kept patches, heads and branches."""
         B, N, C = x.shape
         dec = self.decide(x, None)
+        if B == 1:
+            return self._fast_one(x, dec)
         gate = dec["block"].bool() if "block" in dec else x.new_ones(B, 2, dtype=torch.bool)
         active = gate.any(dim=1)
         if not active.any():  # every branch of every sample gated off: the block is skipped
             dec["patch"] = x.new_zeros(B, N - 1)
             return x, dec
         h = self.norm1(x)
-        keep = torch.zeros(B, N, dtype=torch.bool, device=x.device)
         patch = x.new_zeros(B, N - 1)
         patch[active] = self._decide("patch", self.patch_select(h[active][:, 1:]).squeeze(-1))
         dec["patch"] = patch
-        keep[:, 0] = True
-        keep[:, 1:] = patch > 0
+        keep = torch.cat([torch.ones_like(patch[:, :1], dtype=torch.bool), patch > 0], dim=1)
+        idx, valid = _gather_index(keep)
         x = x.clone()
         rows = gate[:, 0].nonzero().squeeze(1)
         if len(rows):
             heads = dec["head"][rows].bool() if "head" in dec else None
-            idx, valid = _gather_index(keep[rows])
-            out = self._attention(_take(h[rows], idx), valid, heads)
-            _scatter_add(x, rows, idx, out * valid[..., None])
+            used = None if heads is None or heads.all() else heads.any(0).nonzero().squeeze(1)
+            out = self._attention(_take(h[rows], idx[rows]), used, valid[rows],
+                                  heads[:, used] if used is not None else None)
+            _scatter_add(x, rows, idx[rows], out * valid[rows, :, None])
         rows = gate[:, 1].nonzero().squeeze(1)
         if len(rows):
-            idx, valid = _gather_index(keep[rows]) if self.token_mlp else (None, None)
-            t = _take(x[rows], idx) if idx is not None else x[rows]
-            out = self.mlp(self.norm2(t))
-            if idx is None:
-                x[rows] += out
+            if self.token_mlp:
+                out = self.mlp(self.norm2(_take(x[rows], idx[rows])))
+                _scatter_add(x, rows, idx[rows], out * valid[rows, :, None])
             else:
-                _scatter_add(x, rows, idx, out * valid[..., None])
+                x[rows] += self.mlp(self.norm2(x[rows]))
         return x, dec
 
-    def _attention(self, h: torch.Tensor, valid: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
-        """Attention over gathered tokens [b, n, C] with only the heads some sample keeps."""
+    def _fast_one(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Batch 1: exact slicing of the kept tokens and heads, no padding or masks."""
+        attn_on, mlp_on = dec["block"][0].bool().tolist() if "block" in dec else (True, True)
+        if not (attn_on or mlp_on):
+            dec["patch"] = x.new_zeros(1, x.shape[1] - 1)
+            return x, dec
+        h = self.norm1(x)
+        dec["patch"] = self._decide("patch", self.patch_select(h[:, 1:]).squeeze(-1))
+        idx = torch.cat([dec["patch"].new_zeros(1, dtype=torch.long), dec["patch"][0].nonzero().squeeze(1) + 1])
+        x = x.clone()
+        if attn_on:
+            heads = dec["head"][0] if "head" in dec else None
+            used = None if heads is None or heads.all() else heads.nonzero().squeeze(1)
+            x.index_add_(1, idx, self._attention(h[:, idx], used))
+        if mlp_on:
+            if self.token_mlp:
+                x.index_add_(1, idx, self.mlp(self.norm2(x[:, idx])))
+            else:
+                x += self.mlp(self.norm2(x))
+        return x, dec
+
+    def _attention(self, h: torch.Tensor, used: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                   head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over gathered tokens h [b, n, C] with only the heads `used` (None: all of them). `valid`
+        [b, n] marks real tokens among padding (None: all); `head_mask` [b, len(used)] zeroes the heads a
+        sample does not keep (None: it keeps all of `used`)."""
         b, n, C = h.shape
-        d = self.head_dim
-        used = torch.arange(self.num_heads, device=h.device) if heads is None else heads.any(0).nonzero().squeeze(1)
-        if len(used) == 0:  # no head kept: the projection sees zeros and returns its bias
-            return self.attn.proj.bias.expand(b, n, C) if self.attn.proj.bias is not None else h.new_zeros(b, n, C)
-        w, bias = self.attn.qkv.weight.view(3, self.num_heads, d, C), self.attn.qkv.bias
-        w = w[:, used].reshape(-1, C)
-        bias = bias.view(3, self.num_heads, d)[:, used].reshape(-1) if bias is not None else None
-        u = len(used)
+        d, H = self.head_dim, self.num_heads
+        qkv, proj = self.attn.qkv, self.attn.proj
+        if used is None:
+            w, bias, proj_w, u = qkv.weight, qkv.bias, proj.weight, H
+        elif len(used) == 0:  # no head kept: the projection sees zeros and returns its bias
+            return proj.bias.expand(b, n, C) if proj.bias is not None else h.new_zeros(b, n, C)
+        else:
+            u = len(used)
+            w = qkv.weight.view(3, H, d, C)[:, used].reshape(3 * u * d, C)
+            bias = qkv.bias.view(3, H, d)[:, used].reshape(-1) if qkv.bias is not None else None
+            proj_w = proj.weight.view(C, H, d)[:, used].reshape(C, u * d)
         q, k, v = F.linear(h, w, bias).reshape(b, n, 3, u, d).permute(2, 0, 3, 1, 4)
-        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if heads is not None and not bool(heads[:, used].all()):
-            a = a * heads[:, used][:, :, None, None].to(a.dtype)
-        proj_w = self.attn.proj.weight.view(C, self.num_heads, d)[:, used].reshape(C, u * d)
-        return F.linear(a.transpose(1, 2).reshape(b, n, u * d), proj_w, self.attn.proj.bias)
+        if head_mask is not None and not bool(head_mask.all()):
+            a = a * head_mask[:, :, None, None].to(a.dtype)
+        return F.linear(a.transpose(1, 2).reshape(b, n, u * d), proj_w, proj.bias)
 
 
 def _gather_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +237,11 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter_add(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    sub = x[rows]
-    sub.scatter_add_(1, idx[..., None].expand(-1, -1, x.shape[-1]), values)
-    x[rows] = sub
+    index = idx[..., None].expand(-1, -1, x.shape[-1])
+    if len(rows) == len(x):  # every sample: in place, no copy
+        x.scatter_add_(1, index, values)
+    else:
+        x[rows] = x[rows].scatter_add(1, index, values)
 
 
 class AdaViT(VisionTransformer):
