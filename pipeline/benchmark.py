@@ -132,8 +132,11 @@ def benchmark_models(models: dict[str, torch.nn.Module], input_shape: tuple[int,
     }
 
 
-def build_model(spec: str, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
-    """`name[:form]` from the registry (form: train | deploy | identity | pooling), or a checkpoint path."""
+def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
+                decision_bias: float | None = None) -> torch.nn.Module:
+    """`name[:form]` from the registry, or a checkpoint path. Forms: train | deploy | identity | pooling
+    (RIFormer), masked | fast (AdaViT's two inference paths; `decision_bias` sets its decision heads' bias).
+    Weights are initialised from seed 0, so the same name gives the same model in both forms."""
     if spec.endswith((".pt", ".pth")):
         model = model_from_checkpoint(load_checkpoint(spec))
         return timm.utils.reparameterize_model(model)
@@ -141,13 +144,21 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int) -> to
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}
     if name.startswith("gfnet"):
         kwargs["img_size"] = img_size
+    if name.startswith("ada_") and decision_bias is not None:
+        kwargs["decision_bias"] = decision_bias
     if form in ("identity", "pooling"):
         kwargs["token_mixer"] = form
-    elif form not in ("", "train", "deploy"):
-        raise ValueError(f"{spec}: unknown form {form!r} (train | deploy | identity | pooling)")
+    elif form not in ("", "train", "deploy", "masked", "fast"):
+        raise ValueError(f"{spec}: unknown form {form!r} (train | deploy | identity | pooling | masked | fast)")
     if name not in timm.list_models():
         raise ValueError(f"{spec}: unknown model {name!r}; see timm.list_models()")
+    if form == "fast" and not name.startswith("ada_"):
+        raise ValueError(f"{spec}: only AdaViT models (ada_*) have a fast path")
+    torch.manual_seed(0)
     model = timm.create_model(name, **kwargs)
+    if form == "fast":
+        from pipeline.adaptive import FastPath
+        return FastPath(model)
     return timm.utils.reparameterize_model(model) if form == "deploy" else model
 
 
@@ -218,7 +229,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.protocol == "paper":
         args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
     device = torch.device(args.device)
-    models = {spec: build_model(spec, args.num_classes, args.in_chans, args.img_size) for spec in args.models}
+    models = {spec: build_model(spec, args.num_classes, args.in_chans, args.img_size, args.decision_bias)
+              for spec in args.models}
     reference = args.reference or args.models[0]
     if reference not in models:
         raise ValueError(f"--reference {reference!r} is not one of --models")
@@ -244,6 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registry names with an optional form, e.g. poolformer_s12 riformer_s12:deploy "
                         "riformer_s12:train, or checkpoint files (re-parameterized before timing)")
     p.add_argument("--reference", help="model the throughput ratios are taken against (default: the first)")
+    p.add_argument("--decision-bias", type=float,
+                   help="AdaViT (ada_*): initial bias of every decision head, to benchmark a chosen keep rate")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)

@@ -228,7 +228,7 @@ def reparam_errors(study, folder: Path) -> str:
 
 
 def adavit_decisions(study, folder: Path) -> str:
-    """AdaViT: which patches each block kept on a few test images (dropped patches dimmed); a block whose
+    """AdaViT: which patches each block kept on a few test images (dropped patches shaded red); a block whose
     attention and MLP were both gated off is marked 'skipped'."""
     import numpy as np
 
@@ -241,6 +241,7 @@ def adavit_decisions(study, folder: Path) -> str:
     images, patch, block = np.array(d["images"]), np.array(d["patch"]), np.array(d["block"])
     (gh, gw), p = d["grid"], d["patch_size"]
     n, depth = patch.shape[:2]
+    dropped_cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.85, 0.1, 0.1, 0.55)])
     fig, axes = plt.subplots(n, depth + 1, figsize=(1.25 * (depth + 1), 1.3 * n), squeeze=False)
     for i in range(n):
         img = images[i]
@@ -249,13 +250,14 @@ def adavit_decisions(study, folder: Path) -> str:
         for j in range(depth):
             kept = np.kron(patch[i, j].reshape(gh, gw), np.ones((p, p)))[: img.shape[0], : img.shape[1]]
             ax = axes[i, j + 1]
-            ax.imshow(img * (0.25 + 0.75 * kept), cmap="gray", vmin=img.min(), vmax=img.max())
+            ax.imshow(img, cmap="gray")
+            ax.imshow(1 - kept, cmap=dropped_cmap, vmin=0, vmax=1, interpolation="nearest")
             gated = j >= depth - block.shape[1] and not block[i, j - (depth - block.shape[1])].any()
             title = "skipped" if gated else f"block {j + 1}: {int(patch[i, j].sum())}/{gh * gw}"
             ax.set_title(title, fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"AdaViT ({runs[0]}): patches kept per block (dimmed: dropped)", fontsize=8)
+    fig.suptitle(f"AdaViT ({runs[0]}): patches kept per block (red: dropped)", fontsize=8)
     fig.tight_layout()
     return save(fig, folder, "adavit_decisions")

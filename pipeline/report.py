@@ -139,7 +139,8 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
                         paper.get((name, r["row"], metric))))
     refs = {r.metric: r for r in rows if r.row == spec["reference"]}
     for r in rows:
-        ref = refs.get(r.metric)
+        # the fast path's throughput is compared with the reference row's throughput
+        ref = refs.get(THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric)
         if ref is None:
             continue
         r.ours_delta = _delta(r.metric, r.ours.mean if r.ours.ok else None, ref.ours.mean if ref.ours.ok else None)

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import count_macs
+from pipeline.benchmark import count_macs, count_params
 from pipeline.io import save_checkpoint
 from pipeline.losses import UsageLoss
 from pipeline.models.adavit import gumbel_sigmoid
@@ -40,6 +40,10 @@ def test_decision_shapes_and_defaults():
     assert all(set(v.unique().tolist()) <= {0.0, 1.0} for v in d.values())  # hard decisions
     for name, shape in {"ada_deit_tiny": (196, 3), "ada_deit_small": (196, 6)}.items():
         m = timm.create_model(name)
+        # the dense DeiT plus C+1 per block (patches) and (H + 2)(C+1) per block from the second on
+        dense = timm.create_model(name.replace("ada_", "") + "_patch16_224")
+        C, H = m.embed_dim, shape[1]
+        assert count_params(m) == count_params(dense) + 12 * (C + 1) + 11 * (H + 2) * (C + 1)
         m(torch.randn(1, 3, 224, 224))
         assert m.decisions["patch"].shape == (1, 12, shape[0]) and m.decisions["head"].shape == (1, 11, shape[1])
 
