@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from pipeline.benchmark import fast_path_label  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 OURS, PAPER = "#1f77b4", "#ff7f0e"
@@ -65,6 +66,13 @@ def accuracy_throughput(study, results, paper, folder: Path) -> str:
             kind = _family(study.run_config(run).model, study.run_config(run).model_kwargs)
             ax.scatter(x, y, s=18, color=_FAMILY_COLORS[kind], label=kind, zorder=3)
         _pair_arrows(ax, points, study)
+        for run, (x, y) in points.items():  # AdaViT: an arrow from its masked path to its fast path
+            fast = bench["models"].get(fast_path_label(bench["runs"][run]))
+            if fast is not None:
+                xf = fast["throughput"]["median"]
+                ax.scatter(xf, y, s=18, marker="D", color=_FAMILY_COLORS["AdaViT"], zorder=3)
+                ax.annotate("", (xf, y), (x, y), arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8})
+                ax.annotate(f"{run} (fast path)", (xf, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
