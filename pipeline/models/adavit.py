@@ -295,28 +295,28 @@ class AdaViT(VisionTransformer):
 
     def expected_macs(self, decisions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """MACs of each input [B] given its decisions, as the common counter counts the fast path."""
-        dec = decisions or self.decisions
-        patch = dec["patch"].detach()
-        B, L, P = patch.shape
+        dec = {k: v.detach().double() for k, v in (decisions or self.decisions).items()}
+        patch = dec["patch"]
+        B, _, P = patch.shape
         C, H = self.embed_dim, self.blocks[0].num_heads
         d, hidden = C // H, self.blocks[0].mlp.fc1.out_features
         pe = self.patch_embed.proj
         macs = torch.full((B,), float(P * C * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1]),
                           dtype=torch.float64, device=patch.device)
+        ones = torch.ones_like(macs)
+        j = 0  # index among the adaptive blocks (head and block decisions start at the second block)
         for i, blk in enumerate(self.blocks):
-            j = i - (L - dec["head"].shape[1]) if "head" in dec else -1
             if blk.adaptive:
-                heads = dec["head"][:, j].detach().double().sum(1)
-                ga, gm = (dec["block"][:, j].detach().double() > 0).unbind(1)
-                ga, gm = ga.double(), gm.double()
+                heads, (ga, gm) = dec["head"][:, j].sum(1), (dec["block"][:, j] > 0).double().unbind(1)
                 macs += C * H + 2 * C
+                j += 1
             else:
-                heads, ga, gm = torch.full_like(macs, H), torch.ones_like(macs), torch.ones_like(macs)
-            n = patch[:, i].double().sum(1) + 1
+                heads, ga, gm = H * ones, ones, ones
+            n = patch[:, i].sum(1) + 1
             macs += ((ga + gm) > 0).double() * (P * C)  # the patch decision head of an active block
             hd = heads * d
             macs += ga * (heads > 0).double() * (3 * n * C * hd + 2 * n * n * hd + n * hd * C)
-            macs += gm * 2 * (n if blk.token_mlp else torch.full_like(n, P + 1)) * C * hidden
+            macs += gm * 2 * (n if blk.token_mlp else (P + 1) * ones) * C * hidden
         return macs + C * self.num_classes
 
 

@@ -14,7 +14,9 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
+from timm.models._manipulate import named_apply
 from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import init_weights_vit_timm
 
 __all__ = ["GFNet", "GlobalFilter"]
 
@@ -107,14 +109,9 @@ class GFNet(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        # timm's ViT init: trunc-normal(0.02) Linear weights, zero biases; other modules keep PyTorch's
+        # defaults (norms start at 1 / 0, as the reference sets them)
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -55,7 +55,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
+from timm.models._manipulate import named_apply
 from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import init_weights_vit_timm
 
 __all__ = ["LightViT", "LightViTAttention", "LightViTBlock", "ResidualMergePatch"]
 
@@ -273,18 +275,9 @@ class LightViT(nn.Module):
         self.neck = nn.Sequential(nn.Linear(embed_dims[-1], neck_dim), nn.LayerNorm(neck_dim), nn.GELU())
         self.head = nn.Linear(neck_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.global_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # reference: trunc-normal Linear weights, zero biases, unit norms; convs keep PyTorch's default init
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        # timm's ViT init: trunc-normal(0.02) Linear weights, zero biases; other modules keep PyTorch's
+        # defaults (norms start at 1 / 0, as the reference sets them)
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
