@@ -393,6 +393,8 @@ def run(args: argparse.Namespace) -> dict:
         from pipeline import tracking
         with tracking.stage_run(args.profile, "prepare-data", meta["source"]) as (mlflow, _):
             mlflow.log_params({k: str(v) for k, v in meta.items() if k not in ("classes",)})
+            # registered here once, before any training job starts, so that parallel jobs find it
+            tracking.log_dataset(mlflow, args.out, meta["source"], meta["data_hash"][:32], "prepared")
     return meta
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,29 @@ def stage_run(profile: str, stage: str, name: str, tags: dict | None = None):
     all_tags = {"stage": stage, "profile": profile, **git_state(), **parent_tags(profile), **(tags or {})}
     with mlflow.start_run(run_name=f"{stage}:{name}", tags=all_tags) as run:
         yield mlflow, run
+
+
+def log_dataset(mlflow, path: str | Path, name: str, digest: str, context: str, attempts: int = 4) -> None:
+    """Log a prepared dataset as an input of the active run.
+
+    MLflow's SQL store looks the dataset up by (experiment, name, digest) and inserts it when missing, in
+    two statements. Two jobs starting at once (Snakemake with --cores 2) can both miss it, and the
+    second insert then fails its UNIQUE constraint. Retrying is safe: the next attempt finds the row the
+    other job wrote and only adds this run's input link.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest)
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as e:
+            if "UNIQUE constraint" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def run(args) -> None:

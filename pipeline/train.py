@@ -355,9 +355,6 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
 
 def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared, device: torch.device,
                profile: str | None):
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
     if run_id is not None:
         try:
             return mlflow.start_run(run_id=run_id)
@@ -367,9 +364,7 @@ def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
             "device": str(device), "stage": "train", **tracking.git_state(), **tracking.parent_tags(profile)}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)
-    source = resolve_dataset_source(str(Path(prepared.path).resolve()))
-    mlflow.log_input(MetaDataset(source, name=prepared.meta["source"], digest=prepared.data_hash[:32]),
-                     context="training")
+    tracking.log_dataset(mlflow, prepared.path, prepared.meta["source"], prepared.data_hash[:32], "training")
     return run
 
 
