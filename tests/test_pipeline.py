@@ -94,6 +94,10 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
                 assert "final/test_top1" in run.data.metrics and "deploy/test_top1" in run.data.metrics
                 assert table in run.data.tags["table"].split(",") or row["run"] in study.teachers
                 assert run.data.tags["mlflow.parentRunId"] == parent
+    # one dataset row, logged by prepare-data and shared by every training run (parallel jobs do not race on it)
+    prepared = [r for r in runs if r.data.tags.get("stage") == "prepare-data"]
+    digests = {i.dataset.digest for r in prepared + list(finished.values()) for i in r.inputs.dataset_inputs}
+    assert len(digests) == 1 and all(r.inputs.dataset_inputs for r in prepared + list(finished.values()))
     stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {"prepare-data", "train", "reparameterize", "evaluate", "latency-breakdown", "report"} <= stages
     readme = (ws / "reports/smoke/README.md").read_text()
