@@ -40,12 +40,16 @@ def setup(experiment: str):
     return mlflow
 
 
-def git_state() -> dict[str, str]:
-    """Commit and dirty flag of the working tree (MLflow tags the commit but not a dirty tree)."""
+def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
+    """Commit and dirty flag of the working tree (MLflow tags the commit but not a dirty tree).
+
+    `reports/` is left out of the dirty check: the pipeline writes it (it is committed for reading), so
+    counting it would flag every report as written from a dirty tree, by its own output."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)reports"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip() != ""
         return {"git_commit": commit, "git_dirty": str(dirty).lower()}
     except (subprocess.CalledProcessError, FileNotFoundError):

@@ -1,4 +1,6 @@
 """MLflow bookkeeping that parallel Snakemake jobs depend on."""
+import subprocess
+
 import pytest
 import sqlalchemy.orm
 from mlflow.exceptions import MlflowException
@@ -40,3 +42,21 @@ def test_log_dataset_survives_a_job_that_registered_it_first(tmp_path, mlflow_st
     _miss_first_dataset_lookup(monkeypatch)
     with mlflow.start_run(), pytest.raises(MlflowException, match="UNIQUE constraint"):
         tracking.log_dataset(mlflow, tmp_path, "fashion-mnist", "d" * 32, "training", attempts=1)
+
+
+def test_git_state_counts_code_not_the_reports_the_pipeline_writes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "README.md").write_text("old report\n")
+    (tmp_path / "train.py").write_text("code\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert tracking.git_state(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "reports" / "README.md").write_text("new report\n")
+    assert tracking.git_state(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "train.py").write_text("changed code\n")
+    assert tracking.git_state(tmp_path)["git_dirty"] == "true"
