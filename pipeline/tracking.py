@@ -139,7 +139,8 @@ def log_dataset(mlflow, path: str | Path, name: str, digest: str, context: str, 
             mlflow.log_input(dataset, context=context)
             return
         except MlflowException as e:
-            if "UNIQUE constraint" not in str(e) or attempt == attempts - 1:
+            message = str(e).lower()  # SQLite/PostgreSQL: "unique constraint", MySQL: "duplicate entry"
+            if not ("unique constraint" in message or "duplicate" in message) or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
 
