@@ -72,7 +72,7 @@ def accuracy_throughput(study, results, paper, folder: Path) -> str:
                 xf = fast["throughput"]["median"]
                 ax.scatter(xf, y, s=18, marker="D", color=_FAMILY_COLORS["AdaViT"], zorder=3)
                 ax.annotate("", (xf, y), (x, y), arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8})
-                ax.annotate(f"{run} (fast path)", (xf, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                ax.annotate(fast_path_label(run), (xf, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")

@@ -149,9 +149,11 @@ class UsageLoss(nn.Module):
     """AdaViT: w_h |mean(head) - t_h| + w_b |mean(block) - t_b| + w_p (mean(patch) - t_p)^2, where each mean is
     the kept fraction over the batch, the blocks and the units (lightvit_adavit.md; weights 2, targets 0.5)."""
 
-    def __init__(self, targets: dict[str, float], weights: dict[str, float]):
+    def __init__(self, cfg):
+        """`cfg`: the training config's `usage` section (pipeline/config.py:UsageCfg)."""
         super().__init__()
-        self.targets, self.weights = targets, weights
+        self.targets = {k: getattr(cfg, f"{k}_target") for k in ("head", "block", "patch")}
+        self.weights = {k: getattr(cfg, f"{k}_weight") for k in ("head", "block", "patch")}
 
     def forward(self, decisions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = {}

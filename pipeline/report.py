@@ -30,7 +30,8 @@ THROUGHPUT = "throughput"
 THROUGHPUT_FAST = "throughput_fast"  # AdaViT's fast inference path
 # metrics read from eval/<run>.json, with their scale; like throughput, their change is a ratio
 SIZE_METRICS = {"params_m": ("params", 1e6), "macs_g": ("macs", 1e9)}
-RATIO_METRICS = (THROUGHPUT, THROUGHPUT_FAST, *SIZE_METRICS)
+THROUGHPUTS = (THROUGHPUT, THROUGHPUT_FAST)
+RATIO_METRICS = (*THROUGHPUTS, *SIZE_METRICS)
 MISSING = "—"
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
            "reparameterization_error", "adavit_decisions"]
@@ -91,7 +92,7 @@ class Results:
         v = Value()
         if variant is None:
             return v
-        if metric in (THROUGHPUT, THROUGHPUT_FAST):
+        if metric in THROUGHPUTS:
             label = (self.benchmark or {}).get("runs", {}).get(variant)
             if label and metric == THROUGHPUT_FAST:
                 label = fast_path_label(label)
@@ -157,7 +158,7 @@ def _delta(metric: str, value: float | None, reference: float | None) -> float |
 def fmt_value(v: Value, metric: str) -> str:
     if not v.ok:
         return MISSING
-    if metric in (THROUGHPUT, THROUGHPUT_FAST):
+    if metric in THROUGHPUTS:
         return f"{v.mean:.0f} [{v.spread[0]:.0f}, {v.spread[1]:.0f}]" if v.spread else f"{v.mean:.0f}"
     if metric in SIZE_METRICS:
         return f"{v.mean:.4g}"
@@ -366,11 +367,12 @@ def adaptive_summary(study: Study, results: Results) -> dict:
     """Per AdaViT run: accuracy on both paths, expected vs dense MACs, usage, and the measured speed-ups."""
     out = {}
     for run in (r for r in study.runs if study.is_adaptive(r)):
-        ev, dense_run = results.evals.get(run), study.init_source(run)
-        dense = results.evals.get(dense_run) if dense_run else None
-        speed = ((results.benchmark or {}).get("adaptive") or {}).get(run, {})
+        ev = results.evals.get(run)
         if ev is None or "fast_path" not in ev:
             continue
+        dense_run = study.init_source(run)
+        dense = results.evals.get(dense_run) if dense_run else None
+        speed = ((results.benchmark or {}).get("adaptive") or {}).get(run, {})
         out[run] = {
             "top1": ev["test_top1"], "fast_path_top1": ev["fast_path"]["top1"],
             "fast_path_max_abs_logit_diff": ev["fast_path"]["max_abs_logit_diff"],

@@ -206,11 +206,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                    num_classes=kwargs["num_classes"]) if d.mixup > 0 or d.cutmix > 0 else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     criterion = DistillationLoss(base, cfg.kd.type, cfg.kd.alpha, cfg.kd.tau, cfg.kd.labels)
-    usage = None
-    if hasattr(model, "decisions"):  # AdaViT: the usage loss on its kept fractions
-        u = cfg.usage
-        usage = UsageLoss({"head": u.head_target, "block": u.block_target, "patch": u.patch_target},
-                          {"head": u.head_weight, "block": u.block_weight, "patch": u.patch_weight})
+    usage = UsageLoss(cfg.usage) if hasattr(model, "decisions") else None  # AdaViT: on its kept fractions
     imitation = None
     if mi_on:
         depths = [len(s.blocks) for s in model.stages]

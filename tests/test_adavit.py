@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline.models  # noqa: F401
 from pipeline.benchmark import count_macs, count_params
+from pipeline.config import UsageCfg
 from pipeline.io import save_checkpoint
 from pipeline.losses import UsageLoss
 from pipeline.models.adavit import gumbel_sigmoid
@@ -77,7 +78,7 @@ def test_straight_through_gradient_reaches_every_decision_head():
             assert blk.head_select.weight.grad.abs().sum() > 0, f"block {i} head head"
             assert blk.block_select.weight.grad.abs().sum() > 0, f"block {i} block head"
     assert model.blocks[-1].patch_select.weight.grad.abs().sum() == 0
-    usage = UsageLoss({"head": 0.5, "block": 0.5, "patch": 0.5}, {"head": 2.0, "block": 2.0, "patch": 2.0})
+    usage = UsageLoss(UsageCfg())
     sum(usage(model.decisions).values()).backward()
     assert model.blocks[-1].patch_select.weight.grad.abs().sum() > 0
 
@@ -143,7 +144,7 @@ def test_usage_loss_pulls_the_kept_fractions_to_their_targets(target):
     """A short run with only the usage loss (and CE): each kept fraction moves to its target from either side."""
     torch.manual_seed(0)
     model = timm.create_model("ada_deit_nano", num_classes=10).train()
-    usage = UsageLoss({"head": target, "block": target, "patch": target}, {"head": 2.0, "block": 2.0, "patch": 2.0})
+    usage = UsageLoss(UsageCfg(head_target=target, block_target=target, patch_target=target))
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "_select." in n], lr=0.05)
     x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
     ratios = []
