@@ -10,7 +10,7 @@ PROFILE ?= default
 # Snakemake rules and DVC stages call `python -m pipeline`: the project's environment comes first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset test lint clean repro smoke paper-plan dvc-repro ui snakemake-report
+.PHONY: setup dataset test lint clean repro publish smoke paper-plan dvc-repro ui snakemake-report
 
 setup: $(STAMP)
 
@@ -36,9 +36,16 @@ dataset:
 test: setup
 	$(PY) -m pytest -q
 
-# The study on the embedded default data (Fashion-MNIST, nano models), through Snakemake.
+# The study on the embedded default data (Fashion-MNIST, nano models), through Snakemake: every run is trained
+# (or resumed) and the report written to results/$(PROFILE)/report/; then the fresh tables are compared with
+# the committed reference reports/$(PROFILE)/, cell by cell within their intervals.
 repro: setup
-	snakemake --cores $(CORES)
+	snakemake --cores $(CORES) --config profile=$(PROFILE)
+	python -m pipeline compare --profile $(PROFILE)
+
+# Make the fresh report the committed reference: copies results/$(PROFILE)/report/ to reports/$(PROFILE)/.
+publish: setup
+	python -m pipeline publish --profile $(PROFILE)
 
 # The whole DAG on a few hundred images for one epoch.
 smoke: setup
@@ -60,7 +67,7 @@ ui: setup
 
 # Snakemake's HTML report of the last run (tables and figures of the report stage).
 snakemake-report: setup
-	snakemake --report reports/$(PROFILE)/snakemake-report.html --config profile=$(PROFILE)
+	snakemake --report results/$(PROFILE)/snakemake-report.html --config profile=$(PROFILE)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,8 @@ STAGES = {
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
     "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),
+    "publish": ("pipeline.publish", "copy the fresh report to reports/<profile>/, the committed reference"),
+    "compare": ("pipeline.publish", "is the fresh report the committed reference's, within its intervals?"),
     "session": ("pipeline.tracking", "start or end the MLflow parent run of one pipeline invocation"),
     "dvc-yaml": ("pipeline.dvcgen", "write dvc.yaml from the study definition (or --check it)"),
 }

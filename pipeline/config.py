@@ -6,8 +6,6 @@ so a typo in params fails at once instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +82,8 @@ class UsageCfg:
 
 @dataclass
 class TrainConfig:
-    name: str = "run"                    # stable variant name
+    name: str = "run"                    # the run: its variant, with a -seed<N> suffix beyond the first seed
+    variant: str | None = None           # the study variant (the same for all seeds; None: the name)
     role: str = "student"                # teacher | student
     tables: list[str] = field(default_factory=list)
     model: str = "riformer_nano"
@@ -105,13 +104,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def digest(self) -> str:
-        """Hash of everything that changes the result (not threads / device), for resume checks."""
-        d = self.to_dict()
-        for k in ("threads", "eval_every"):
-            d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _build(cls, values: dict, where: str):

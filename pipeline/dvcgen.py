@@ -4,8 +4,10 @@ The stages are the same commands the Snakemake rules run. DVC's `foreach` stages
 a stage's deps must have one shape, so training is split by how many teacher runs a run reads
 (train-teacher, train-student: none, train-distill: one, train-imitate: two); re-parameterization and
 evaluation (with its one interleaved benchmark) are one job each, as in the Snakemake workflow. The profile is
-`${profile}` from params.yaml, so `dvc exp run -S profile=smoke` switches it. Per-variant keys of
-params/study.yaml are declared per stage, so changing one variant reruns only it and what depends on it.
+`${profile}` from params.yaml, so `dvc exp run -S profile=NAME` switches it; the stages list the runs of the
+profile dvc.yaml was generated for, so a profile with other runs (other seeds) needs
+`python -m pipeline dvc-yaml --profile NAME` first. Per-variant keys of params/study.yaml are declared per
+stage, so changing one variant reruns only it and what depends on it.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.identity import STAGE_CODE
 from pipeline.report import FIGURES
-from pipeline.study import STAGE_CODE, Study, load_study
+from pipeline.study import Study, load_study
 from pipeline.tracking import REPO_ROOT
 
 DVC_YAML = REPO_ROOT / "dvc.yaml"
@@ -86,8 +89,8 @@ def render(study: Study) -> str:
                    + [{f"{R}/benchmark.json": {"cache": False}}],
     }
     decisions = [f"{R}/eval/{r}.decisions.json" for r in study.runs if study.is_adaptive(r)]
-    if decisions:
-        stages["evaluate"]["outs"] = [{d: {"cache": False}} for d in decisions]
+    predictions = [f"{R}/eval/{r}.predictions.npz" for r in study.runs]
+    stages["evaluate"]["outs"] = [{d: {"cache": False}} for d in predictions + decisions]
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
         "deps": STAGE_CODE["latency-breakdown"],
@@ -97,18 +100,18 @@ def render(study: Study) -> str:
     stages["report"] = {
         "cmd": "python -m pipeline report --profile ${profile}",
         "deps": (STAGE_CODE["report"] + [f"{R}/benchmark.json", f"{R}/latency.json"]
-                 + [f"{R}/eval/{r}.json" for r in study.runs] + decisions),
-        "params": [{"params/study.yaml": ["tables"]}],
-        "outs": [{f"reports/${{profile}}/{f}": {"cache": False}} for f in ("README.md", "tables")],
-        "metrics": [{"reports/${profile}/summary.json": {"cache": False}}],
-        "plots": [{f"reports/${{profile}}/figures/{f}.png": {"cache": False}} for f in FIGURES],
+                 + [f"{R}/eval/{r}.json" for r in study.runs] + predictions + decisions),
+        "params": _params("report", "seeds", study_keys=["tables", "guidelines"]),
+        "outs": [{f"{R}/report/{f}": {"cache": False}} for f in ("README.md", "tables")],
+        "metrics": [{f"{R}/report/summary.json": {"cache": False}}],
+        "plots": [{f"{R}/report/figures/{f}.png": {"cache": False}} for f in FIGURES],
     }
     body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
     return HEADER + body
 
 
 def run(args: argparse.Namespace) -> None:
-    profile = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["profile"]
+    profile = args.profile or yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["profile"]
     text = render(load_study(profile, check_data=False))
     if args.check:
         current = DVC_YAML.read_text() if DVC_YAML.exists() else ""
@@ -119,8 +122,11 @@ def run(args: argparse.Namespace) -> None:
         print("dvc.yaml is up to date")
         return
     Path(DVC_YAML).write_text(text)
-    print(f"wrote {DVC_YAML}")
+    print(f"wrote {DVC_YAML} with the runs of profile {profile!r}"
+          + (f"; run it with `dvc exp run -S profile={profile}`" if args.profile else ""))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="the profile whose runs the stages list (default: params.yaml's profile); "
+                                     "needed when a profile has other runs than that one (other seeds, say)")
     p.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml differs")

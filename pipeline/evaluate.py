@@ -4,20 +4,25 @@ AdaViT runs also get their fast path checked against the masked path, expected M
 set (their `macs`), usage ratios, decision examples for the report, and their speed-up over the dense DeiT.
 
 The deploy model is the re-parameterized checkpoint for affine students and the trained one otherwise.
-A checkpoint whose config digest differs from the run's current config is a stale result (for example
-trained by the other driver before a parameter changed): it is an error, never silently mixed in.
+Each run's per-image predictions on the test set are saved beside its JSON (eval/<run>.predictions.npz):
+the report's intervals are computed from them (pipeline.stats).
+A checkpoint whose recorded inputs differ from the run's current ones (config, data, teacher or init files,
+training code: pipeline.identity) is a stale result: it is an error naming what changed, never silently
+mixed in.
 """
 from __future__ import annotations
 
 import argparse
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from pipeline import tracking
 from pipeline.benchmark import count_macs, count_params
 from pipeline.data import build_loader, load_prepared
-from pipeline.io import load_checkpoint, model_from_checkpoint, read_json, write_json
+from pipeline.identity import identity_changes
+from pipeline.io import atomic_path, load_checkpoint, model_from_checkpoint, read_json, write_json
 from pipeline.study import Study, load_study
 
 
@@ -26,25 +31,35 @@ class StaleResultError(RuntimeError):
 
 
 def checked_checkpoint(study: Study, run: str, path) -> dict:
+    """The checkpoint at `path` of `run`, if it was trained from the run's current inputs."""
     ckpt = load_checkpoint(path)
-    expected = study.run_config(run).digest()
-    if ckpt.get("config_digest") != expected:
-        raise StaleResultError(f"{path}: trained with config {ckpt.get('config_digest')}, but run {run!r} of profile "
-                               f"{study.profile} now resolves to {expected}: rerun its training")
+    changes = identity_changes(ckpt.get("identity"), study.identity(run))
+    if changes:
+        raise StaleResultError(f"{path}: run {run!r} of profile {study.profile} was trained from inputs that have "
+                               f"changed since ({'; '.join(changes)}): rerun its training")
     return ckpt
+
+
+def save_predictions(path, pred: torch.Tensor, labels: torch.Tensor) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, pred=pred.numpy().astype(np.int32), label=labels.numpy().astype(np.int32))
+
+
+def load_predictions(path) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, label) of every test image, as `evaluate` saved them."""
+    with np.load(path) as f:
+        return f["pred"], f["label"]
 
 
 def evaluate_run(study: Study, run: str, mlflow) -> dict:
     ckpt = checked_checkpoint(study, run, study.deployed_model(run))
     prepared = load_prepared(study.data_dir)
-    if ckpt.get("data_hash") != prepared.data_hash:
-        raise StaleResultError(f"{run}: trained on data {str(ckpt.get('data_hash'))[:12]}, but the prepared data is "
-                               f"{prepared.data_hash[:12]}: rerun its training")
     model = model_from_checkpoint(ckpt).eval()
     img_size = ckpt.get("config", {}).get("img_size", study.settings["train"]["data"]["img_size"])
     loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False)
     from pipeline.train import evaluate
     acc = evaluate(model, loader, torch.device("cpu"), nullcontext)
+    save_predictions(study.predictions_path(run), acc["pred"], acc["label"])
     train_metrics = read_json(study.run_dir(run) / "metrics.json")
     result = {
         "run": run, "variant": study.variant_of(run), "profile": study.profile, "model": ckpt["model"],
@@ -52,8 +67,9 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
         "test_top1": acc["top1"], "test_top5": acc["top5"], "test_loss": acc["loss"],
         "params": count_params(model), "macs": count_macs(model, (prepared.meta["in_chans"], img_size, img_size)),
         "train_top1": train_metrics["test_top1"], "train_images_per_s": train_metrics["train_images_per_s"],
-        "train_run_id": train_metrics["run_id"], "config_digest": ckpt["config_digest"],
-        "data_hash": prepared.data_hash, "seed": study.run_config(run).seed, "tables": study.tables_of(run),
+        "train_run_id": train_metrics["run_id"], "identity": ckpt["identity"], "data_hash": prepared.data_hash,
+        "seed": study.run_config(run).seed, "tables": study.tables_of(run), "test_images": len(acc["pred"]),
+        "predictions": str(study.predictions_path(run)),
     }
     if study.is_adaptive(run):  # AdaViT: both paths, and the expected MACs the paper reports
         from pipeline.adaptive import decision_examples, evaluate_adaptive

@@ -53,31 +53,35 @@ def placeholder(folder: Path, name: str, what: str) -> str:
 
 
 def accuracy_throughput(study, results, paper, folder: Path) -> str:
-    """Our accuracy against measured throughput for every evaluated model, beside the paper's T6."""
+    """Our accuracy against measured throughput for every evaluated variant (95% intervals on both axes: seeds and
+    test images, interleaved rounds), beside the paper's T6."""
     bench = results.benchmark
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 4.2))
     points = {}
     if bench:
-        for run, arch in bench["runs"].items():
-            ev = results.evals.get(run)
-            if ev:
-                points[run] = (bench["models"][arch]["throughput"]["median"], ev["test_top1"])
-        for run, (x, y) in points.items():
-            kind = _family(study.run_config(run).model, study.run_config(run).model_kwargs)
-            ax.scatter(x, y, s=18, color=_FAMILY_COLORS[kind], label=kind, zorder=3)
-        _pair_arrows(ax, points, study)
-        for run, (x, y) in points.items():  # AdaViT: an arrow from its masked path to its fast path
-            fast = bench["models"].get(fast_path_label(bench["runs"][run]))
-            if fast is not None:
-                xf = fast["throughput"]["median"]
-                ax.scatter(xf, y, s=18, marker="D", color=_FAMILY_COLORS["AdaViT"], zorder=3)
-                ax.annotate("", (xf, y), (x, y), arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8})
-                ax.annotate(fast_path_label(run), (xf, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        for variant in [*study.teachers, *study.variants]:
+            top1, speed = results.cell(variant, "top1"), results.cell(variant, "throughput")
+            if top1.ok and speed.ok:
+                points[variant] = (speed.value, top1.value)
+        for variant, (x, y) in points.items():
+            kind = _family(study.run_config(variant).model, study.run_config(variant).model_kwargs)
+            ax.errorbar(x.mean, y.mean, xerr=_err(x), yerr=_err(y), fmt="o", ms=3.5, color=_FAMILY_COLORS[kind],
+                        elinewidth=0.6, capsize=1.5, label=kind, zorder=3)
+        _pair_arrows(ax, {v: (x.mean, y.mean) for v, (x, y) in points.items()}, study)
+        for variant, (x, y) in points.items():  # AdaViT: an arrow from its masked path to its fast path
+            fast = results.cell(variant, "throughput_fast")
+            if fast.ok:
+                ax.errorbar(fast.value.mean, y.mean, xerr=_err(fast.value), fmt="D", ms=3.5,
+                            color=_FAMILY_COLORS["AdaViT"], elinewidth=0.6, capsize=1.5, zorder=3)
+                ax.annotate("", (fast.value.mean, y.mean), (x.mean, y.mean),
+                            arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 0.8})
+                ax.annotate(fast_path_label(variant), (fast.value.mean, y.mean), fontsize=5, xytext=(2, 2),
+                            textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
     ax.set(xlabel=f"throughput (img/s, {bench['device_name'] if bench else 'not measured'})", ylabel="test top-1 (%)",
-           title=f"ours ({study.profile})")
+           title=f"ours ({study.profile}), 95% intervals")
     sizes = ["s12", "s24", "s36", "m36", "m48"]
     for s in sizes:
         p = (paper.get(("T6", f"poolformer_{s}", "throughput")), paper.get(("T6", f"poolformer_{s}", "top1")))
@@ -112,6 +116,11 @@ def _family(model: str, kwargs: dict) -> str:
     return "other"
 
 
+def _err(iv) -> list[list[float]]:
+    """An interval as matplotlib's asymmetric error: [[below], [above]]."""
+    return [[iv.mean - iv.low], [iv.high - iv.mean]]
+
+
 def _pair_arrows(ax, points: dict, study) -> None:
     """PoolFormer -> RIFormer of the same shape: T8's PoolFormer row to its RIFormer row."""
     t8 = {r["row"]: r["run"] for r in study.tables.get("T8", {}).get("rows", [])}
@@ -131,16 +140,19 @@ def ablation_bars(tables, folder: Path) -> str:
         rows = [r for r in tables[name] if r.metric != "throughput" and r.metric != "teacher_top1"]
         labels = [f"{r.row}" + (f"\n{r.metric}" if r.metric not in ("top1",) else "") for r in rows]
         xs = range(len(rows))
-        ours = [r.ours_delta if r.ours_delta is not None else 0 for r in rows]
+        deltas = [r.ours_delta for r in rows]
+        ours = [d.mean if d else 0 for d in deltas]
+        errors = [[d.mean - d.low if d else 0 for d in deltas], [d.high - d.mean if d else 0 for d in deltas]]
         papers = [r.paper_delta if r.paper_delta is not None else 0 for r in rows]
-        ax.bar([x - 0.2 for x in xs], ours, 0.4, color=OURS, label="ours")
+        ax.bar([x - 0.2 for x in xs], ours, 0.4, color=OURS, label="ours (95% interval)", yerr=errors,
+               error_kw={"elinewidth": 0.7, "capsize": 1.5})
         ax.bar([x + 0.2 for x in xs], papers, 0.4, color=PAPER, label="paper")
         for x, r in zip(xs, rows, strict=True):
             if r.ours_delta is None:
                 ax.annotate("missing", (x - 0.2, 0), fontsize=5, rotation=90, ha="center", va="bottom")
         ax.axhline(0, color="0.2", lw=0.6)
         ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=5)
-        ax.set_title(f"{name}: Δ top-1 vs reference (points)", fontsize=8)
+        ax.set_title(f"{name}: Δ top-1 vs reference (points, 95% interval)", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -101,26 +101,29 @@ class ModuleImitation:
     L'_in = MSE(student block output, teacher block output)
     L_out = MSE(student token-mixer output, teacher token-mixer output), both with their "- input" term
     L_rel = MSE(R(student mixer output), R(teacher mixer output))
-    Each term has its lambda and a window: it is on for the first `feat_steps` / `rel_steps` optimizer
-    steps, i.e. the first fraction of the run (80/120 and 20/120 epochs in the paper), at any run length.
+    Each term has its lambda and a window: it is on for the first `feat_frac` / `rel_frac` of the optimizer
+    steps (80/120 and 20/120 epochs in the paper), at any run length.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, blocks: list[int], lambda_in: float,
-                 lambda_out: float, lambda_rel: float, feat_steps: int, rel_steps: int,
-                 feature_reduction: str = "sample_sum", rel_reduction: str = "mean"):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, total_steps: int):
+        """`cfg`: the training config's `mi` section (pipeline/config.py:MICfg); its windows are fractions of the
+        run's `total_steps` optimizer steps; its blocks are `cfg.blocks`, else `default_blocks(.., cfg.layers)`."""
         s_blocks, t_blocks = metaformer_blocks(student), metaformer_blocks(teacher)
         if len(s_blocks) != len(t_blocks):
             raise ValueError(f"module imitation needs the same block structure: student has {len(s_blocks)} "
                              f"blocks, teacher {len(t_blocks)}")
+        blocks = cfg.blocks if cfg.blocks is not None else default_blocks([len(s.blocks) for s in student.stages],
+                                                                          cfg.layers)
         bad = [b for b in blocks if not 0 <= b < len(s_blocks)]
         if bad:
             raise ValueError(f"module-imitation blocks {bad} out of range for {len(s_blocks)} blocks")
         self.blocks = list(blocks)
         self.student = _Capture([s_blocks[i] for i in blocks])
         self.teacher = _Capture([t_blocks[i] for i in blocks])
-        self.lambdas = {"mi_in": lambda_in, "mi_out": lambda_out, "mi_rel": lambda_rel}
+        self.lambdas = {"mi_in": cfg.lambda_in, "mi_out": cfg.lambda_out, "mi_rel": cfg.lambda_rel}
+        feat_steps, rel_steps = round(cfg.feat_frac * total_steps), round(cfg.rel_frac * total_steps)
         self.windows = {"mi_in": feat_steps, "mi_out": feat_steps, "mi_rel": rel_steps}
-        self.feature_reduction, self.rel_reduction = feature_reduction, rel_reduction
+        self.feature_reduction, self.rel_reduction = cfg.feature_reduction, cfg.rel_reduction
 
     def active(self, step: int) -> dict[str, bool]:
         return {k: self.lambdas[k] > 0 and step < self.windows[k] for k in self.lambdas}

@@ -36,7 +36,7 @@ def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Mod
     kwargs = dict(ckpt.get("model_kwargs", {}))
     if ckpt["model"].startswith("riformer") and kwargs.get("token_mixer", "affine") == "affine":
         kwargs["token_mixer"] = "identity"  # the deploy form: the affine is merged into the norm
-    deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("config", "data_hash", "run_id", "config_digest")}
+    deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("config", "identity")}
     deploy_ckpt.update(model=ckpt["model"], model_kwargs=kwargs, state_dict=deploy.state_dict())
     # The deploy state dict must load into the identity-mixer model: check it here, not at evaluation time.
     model_from_checkpoint(deploy_ckpt)

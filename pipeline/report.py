@@ -1,29 +1,40 @@
-"""`python -m pipeline report`: every paper table beside the paper's numbers, the figures, the guideline verdicts.
+"""`python -m pipeline report`: every paper table beside the paper's numbers, each figure of ours with its 95%
+interval; the figures; the guideline verdicts.
 
-Inputs are the results of the other stages (eval/<run>.json, benchmark.json, latency.json, histories) and
-the project's copy of the paper's numbers (params/paper_results.csv). A missing result is shown as missing;
-it never stops the report. Each table compares changes: every row gives ours and the paper's value and
-both changes relative to the table's reference row (top-1: difference in points; throughput, params and
-MACs: ratio).
-Several seeds of a variant give mean +- std and n. Outputs (reports/<profile>/): README.md (the index),
-tables/<T>.{md,tex,csv}, figures/*.{png,pdf} (fixed metadata: a rerun that changes nothing gives
-byte-identical files), summary.json.
+Inputs are the results of the other stages (eval/<run>.json and .predictions.npz, benchmark.json, latency.json,
+histories) and the project's copy of the paper's numbers (params/paper_results.csv). Each table compares
+changes: every row gives ours and the paper's value and both changes relative to the table's reference row
+(top-1: difference in points; throughput, params and MACs: ratio). Accuracies and their Δ carry an interval
+over seeds and test images, throughputs one over interleaved rounds (pipeline.stats). A missing result is shown
+as missing and a stale one (an eval whose recorded inputs are no longer the run's, pipeline.identity) as
+stale: neither stops the report, and a stale result is never shown as a value.
+
+Each guideline of params/study.yaml is a rule on deltas of the tables' cells: supported when every voting
+delta's interval lies on the paper's side of its threshold, contradicted when one lies on the other side,
+inconclusive otherwise.
+
+Outputs (results/<profile>/report/; `python -m pipeline publish` copies them to reports/<profile>/):
+README.md (the index), tables/<T>.{md,tex,csv}, figures/*.{png,pdf} (fixed metadata: a rerun that changes
+nothing gives byte-identical files), summary.json.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
-import math
 import platform
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import tracking
 from pipeline.benchmark import fast_path_label
+from pipeline.evaluate import load_predictions
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.study import Study, load_study
+from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table
+from pipeline.study import Study, as_list, load_study
 
 PAPER_CSV = Path(__file__).resolve().parent.parent / "params" / "paper_results.csv"
 THROUGHPUT = "throughput"
@@ -35,13 +46,6 @@ RATIO_METRICS = (*THROUGHPUTS, *SIZE_METRICS)
 MISSING = "—"
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
            "reparameterization_error", "adavit_decisions"]
-GUIDELINES = {
-    1: "Soft distillation without ground-truth labels is best for a token-mixer-free student.",
-    2: "The affine re-parameterization alone, without tailored distillation, hardly helps.",
-    3: "Block-wise knowledge distillation (module imitation) lets the affine operator use its capacity.",
-    4: "A teacher with a large receptive field (GFNet) helps a student with a small one.",
-    5: "Loading the teacher's weights (all but the token mixer) improves accuracy.",
-}
 
 
 def load_paper(path: Path = PAPER_CSV) -> dict[tuple[str, str, str], float]:
@@ -51,64 +55,113 @@ def load_paper(path: Path = PAPER_CSV) -> dict[tuple[str, str, str], float]:
 
 # ------------------------------------------------------------------------------------------------ values
 @dataclass
-class Value:
-    """Our figure for one cell: the seeds' values and the MLflow runs they came from."""
-    samples: list[float] = field(default_factory=list)
+class Cell:
+    """Our figure for one table cell: its interval (None when there is none), why not, and its MLflow runs."""
+    value: Interval | None = None
+    state: str = "ok"  # ok | missing | stale | not run
     run_ids: list[str] = field(default_factory=list)
-    spread: tuple[float, float] | None = None  # throughput: min, max over rounds
 
     @property
     def ok(self) -> bool:
-        return bool(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.samples)
-
-    @property
-    def std(self) -> float | None:
-        return statistics.stdev(self.samples) if len(self.samples) > 1 else None
-
-    @property
-    def n(self) -> int:
-        return len(self.samples)
+        return self.value is not None
 
 
 class Results:
-    """Everything the stages wrote for one profile; absent files are simply absent."""
+    """Everything the stages wrote for one profile that is current; absent and stale results are absent."""
 
     def __init__(self, study: Study):
         self.study = study
-        self.evals = {r: _maybe_json(study.eval_path(r)) for r in study.runs}
+        opts = study.settings["report"]
+        self.level, self.power = opts["level"], opts["power"]
+        self.evals, self.stale = {}, []
+        for run in study.runs:
+            ev = _maybe_json(study.eval_path(run))
+            if ev is None:
+                continue
+            if ev.get("identity") != self._identity(run):  # computed from inputs that have changed since
+                self.stale.append(run)
+            else:
+                self.evals[run] = ev
         self.benchmark = _maybe_json(study.benchmark_path)
         self.latency = _maybe_json(study.latency_path)
+        self._labels: np.ndarray | None = None
 
-    def seed_runs(self, variant: str) -> list[str]:
+    def _identity(self, run: str) -> dict | None:
+        try:
+            return self.study.identity(run)
+        except (FileNotFoundError, ValueError):  # no prepared data: nothing can be shown as current
+            return None
+
+    @property
+    def test_images(self) -> int | None:
+        return next((ev["test_images"] for ev in self.evals.values() if "test_images" in ev), None)
+
+    def seed_runs(self, variant: str) -> dict[int, str]:
+        seeds = self.study.settings["seeds"]
         if variant in self.study.teachers:
-            return [variant]
-        return [self.study.seed_name(variant, s) for s in self.study.settings["seeds"]]
+            return {seeds[0]: variant}
+        return {s: self.study.seed_name(variant, s) for s in seeds}
 
-    def value(self, variant: str | None, metric: str) -> Value:
-        v = Value()
+    def correct(self, variant: str) -> dict[int, np.ndarray]:
+        """Per seed, which test images the variant's deploy model classifies correctly (current results only)."""
+        out = {}
+        for seed, run in self.seed_runs(variant).items():
+            if run in self.evals:
+                pred, label = load_predictions(self.study.predictions_path(run))
+                if self._labels is None:
+                    self._labels = label
+                elif not np.array_equal(label, self._labels):
+                    raise ValueError(f"{self.study.predictions_path(run)}: evaluated on other test images than the "
+                                     f"other runs; rerun evaluate")
+                out[seed] = pred == label
+        return out
+
+    def state(self, variant: str) -> str:
+        runs = self.seed_runs(variant).values()
+        return "stale" if any(r in self.stale for r in runs) else "ok" if any(r in self.evals for r in runs) \
+            else "missing"
+
+    def run_ids(self, variant: str) -> list[str]:
+        return [self.evals[r]["train_run_id"] for r in self.seed_runs(variant).values() if r in self.evals]
+
+    def cell(self, variant: str | None, metric: str) -> Cell:
         if variant is None:
-            return v
+            return Cell(state="not run")
+        if self.state(variant) != "ok":
+            return Cell(state=self.state(variant))
         if metric in THROUGHPUTS:
-            label = (self.benchmark or {}).get("runs", {}).get(variant)
-            if label and metric == THROUGHPUT_FAST:
-                label = fast_path_label(label)
-            if label and label in self.benchmark["models"]:
-                row = self.benchmark["models"][label]["throughput"]
-                v.samples, v.spread = [row["median"]], (row["min"], row["max"])
-                ev = self.evals.get(variant)
-                v.run_ids = [ev["train_run_id"]] if ev else []
-            return v
-        key, scale = SIZE_METRICS.get(metric, ("test_top1", 1.0))
-        for run in self.seed_runs(variant):
-            ev = self.evals.get(run)
-            if ev is not None and key in ev:
-                v.samples.append(ev[key] / scale)
-                v.run_ids.append(ev["train_run_id"])
-        return v
+            samples = self.throughput_samples(variant, metric)
+            value = median_interval(samples, self.level) if samples else None
+        elif metric in SIZE_METRICS:
+            key, scale = SIZE_METRICS[metric]
+            ev = self.evals[next(iter(r for r in self.seed_runs(variant).values() if r in self.evals))]
+            value = exact(ev[key] / scale) if key in ev else None
+        else:
+            value = mean_interval(paired_table([self.correct(variant)]), self.level, self.power).scaled(100)
+        return Cell(value, "ok" if value else "missing", self.run_ids(variant))
+
+    def throughput_samples(self, variant: str, metric: str = THROUGHPUT) -> list[float] | None:
+        """Images/s of the variant's deploy architecture in each interleaved round of the benchmark."""
+        label = (self.benchmark or {}).get("runs", {}).get(variant)
+        if label and metric == THROUGHPUT_FAST:
+            label = fast_path_label(label)
+        row = (self.benchmark or {}).get("models", {}).get(label)
+        return row["throughput"]["samples"] if row else None
+
+    def delta(self, metric: str, plus: list[str], minus: list[str], minus_metric: str | None = None) -> Interval | None:
+        """mean(plus) - mean(minus) of the variants' metric in points for accuracies; a ratio for the others
+        (one variant on each side): throughput per interleaved round, params and MACs exactly."""
+        if any(self.state(v) != "ok" for v in plus + minus):
+            return None
+        if metric in THROUGHPUTS:
+            a, b = self.throughput_samples(plus[0], metric), self.throughput_samples(minus[0], minus_metric or metric)
+            return median_interval([x / y for x, y in zip(a, b, strict=True)], self.level) if a and b else None
+        if metric in SIZE_METRICS:
+            a, b = self.cell(plus[0], metric), self.cell(minus[0], metric)
+            return exact(a.value.mean / b.value.mean) if a.ok and b.ok else None
+        groups = [self.correct(v) for v in plus + minus]
+        table = paired_table(groups[:len(plus)], groups[len(plus):])
+        return mean_interval(table, self.level, self.power).scaled(100)
 
 
 def _maybe_json(path: Path):
@@ -125,9 +178,9 @@ class Row:
     row: str
     metric: str
     run: str | None
-    ours: Value
+    ours: Cell
     paper: float | None
-    ours_delta: float | None = None
+    ours_delta: Interval | None = None
     paper_delta: float | None = None
 
 
@@ -136,7 +189,7 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
     rows = []
     for r in spec["rows"]:
         metric = r.get("metric", "top1")
-        rows.append(Row(name, r["row"], metric, r.get("run"), results.value(r.get("run"), metric),
+        rows.append(Row(name, r["row"], metric, r.get("run"), results.cell(r.get("run"), metric),
                         paper.get((name, r["row"], metric))))
     refs = {r.metric: r for r in rows if r.row == spec["reference"]}
     for r in rows:
@@ -144,51 +197,59 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
         ref = refs.get(THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric)
         if ref is None:
             continue
-        r.ours_delta = _delta(r.metric, r.ours.mean if r.ours.ok else None, ref.ours.mean if ref.ours.ok else None)
-        r.paper_delta = _delta(r.metric, r.paper, ref.paper)
+        if r.ours.ok and ref.ours.ok:
+            r.ours_delta = results.delta(r.metric, [r.run], [ref.run], ref.metric)
+        r.paper_delta = _paper_delta(r.metric, r.paper, ref.paper)
     return rows
 
 
-def _delta(metric: str, value: float | None, reference: float | None) -> float | None:
+def _paper_delta(metric: str, value: float | None, reference: float | None) -> float | None:
     if value is None or reference is None:
         return None
     return value / reference if metric in RATIO_METRICS else value - reference
 
 
-def fmt_value(v: Value, metric: str) -> str:
-    if not v.ok:
-        return MISSING
+def fmt_cell(cell: Cell, metric: str) -> str:
+    if not cell.ok:
+        return cell.state if cell.state == "stale" else MISSING
+    v = cell.value
     if metric in THROUGHPUTS:
-        return f"{v.mean:.0f} [{v.spread[0]:.0f}, {v.spread[1]:.0f}]" if v.spread else f"{v.mean:.0f}"
+        return f"{v.mean:.0f} [{v.low:.0f}, {v.high:.0f}]"
     if metric in SIZE_METRICS:
         return f"{v.mean:.4g}"
-    if v.n > 1:
-        return f"{v.mean:.2f} ± {v.std:.2f} (n={v.n})"
-    return f"{v.mean:.2f}"
+    return f"{v.mean:.2f} [{v.low:.2f}, {v.high:.2f}]"
 
 
-def fmt_delta(d: float | None, metric: str) -> str:
+def fmt_delta(d: Interval | float | None, metric: str) -> str:
+    """A Δ: points with a sign for accuracies, a ratio otherwise; with its interval when it has a width."""
     if d is None:
         return MISSING
-    return f"×{d:.3f}" if metric in RATIO_METRICS else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+    if isinstance(d, int | float):
+        return f"×{d:.3f}" if metric in RATIO_METRICS else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+    if metric in RATIO_METRICS:
+        return f"×{d.mean:.3f}" + (f" [{d.low:.3f}, {d.high:.3f}]" if d.high > d.low else "")
+    return f"{round(d.mean, 2) + 0.0:+.2f} [{round(d.low, 2) + 0.0:+.2f}, {round(d.high, 2) + 0.0:+.2f}]"
 
 
 def fmt_paper(p: float | None) -> str:
     return MISSING if p is None else f"{p:.2f}"
 
 
-HEADERS = ["row", "metric", "ours", "paper", "Δ ours", "Δ paper", "run"]
+HEADERS = ["row", "metric", "ours [95% CI]", "paper", "Δ ours [95% CI]", "Δ paper", "seeds", "run"]
 
 
 def table_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["table", "row", "metric", "run", "ours_mean", "ours_std", "ours_n", "paper", "ours_delta",
-                "paper_delta", "mlflow_run_ids"])
+    w.writerow(["table", "row", "metric", "run", "state", "ours", "ours_low", "ours_high", "ours_seeds", "paper",
+                "ours_delta", "ours_delta_low", "ours_delta_high", "ours_delta_mde", "ours_delta_seeds", "paper_delta",
+                "mlflow_run_ids"])
     for r in rows:
-        w.writerow([r.table, r.row, r.metric, r.run or "", _num(r.ours.mean if r.ours.ok else None),
-                    _num(r.ours.std if r.ours.ok else None), r.ours.n, _num(r.paper), _num(r.ours_delta),
-                    _num(r.paper_delta), ";".join(r.ours.run_ids)])
+        v, d = r.ours.value, r.ours_delta
+        w.writerow([r.table, r.row, r.metric, r.run or "", r.ours.state,
+                    *(_num(getattr(v, k, None)) for k in ("mean", "low", "high")), v.seeds if v else "",
+                    _num(r.paper), *(_num(getattr(d, k, None)) for k in ("mean", "low", "high", "mde")),
+                    d.seeds if d else "", _num(r.paper_delta), ";".join(r.ours.run_ids)])
     return buf.getvalue()
 
 
@@ -198,24 +259,31 @@ def _num(x: float | None) -> str:
 
 def table_markdown(name: str, rows: list[Row], title: str, reference: str, link) -> str:
     lines = [f"### {name}: {title}", "",
-             f"Reference row: `{reference}`. Δ: top-1 in points, throughput / params / MACs as a ratio.", "",
+             f"Reference row: `{reference}`. Δ: top-1 in points, throughput / params / MACs as a ratio. "
+             "Intervals: 95%, over the seeds and test images for top-1, over the interleaved rounds for throughput; "
+             "seeds: how many seeds the Δ pairs (1 where a teacher, trained once, is involved).", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
         runs = " ".join(link(rid) for rid in r.ours.run_ids) if r.ours.run_ids else (
-            "not run in this project" if r.run is None else "missing")
-        lines.append(f"| {r.row} | {r.metric} | {fmt_value(r.ours, r.metric)} | {fmt_paper(r.paper)} | "
-                     f"{fmt_delta(r.ours_delta, r.metric)} | {fmt_delta(r.paper_delta, r.metric)} | {runs} |")
+            "not run in this project" if r.run is None else r.ours.state)
+        seeds = str(r.ours_delta.seeds) if r.ours_delta and r.metric not in RATIO_METRICS else ""
+        deltas = [fmt_delta(r.ours_delta, r.metric), fmt_delta(r.paper_delta, r.metric)]
+        if r.row == reference:
+            deltas, seeds = ["reference", "reference"], ""
+        lines.append(f"| {r.row} | {r.metric} | {fmt_cell(r.ours, r.metric)} | {fmt_paper(r.paper)} | "
+                     f"{deltas[0]} | {deltas[1]} | {seeds} | {runs} |")
     return "\n".join(lines) + "\n"
 
 
 def table_latex(name: str, rows: list[Row], title: str) -> str:
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%")  # noqa: E731
-    out = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(name)}: {esc(title)} (ours beside the paper's)}}",
+    out = [r"\begin{table}[t]", r"\centering",
+           rf"\caption{{{esc(name)}: {esc(title)} (ours with 95\% intervals, beside the paper's)}}",
            r"\begin{tabular}{llrrrr}", r"\toprule",
            r"Row & Metric & Ours & Paper & $\Delta$ ours & $\Delta$ paper \\", r"\midrule"]
-    tex = lambda s: s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")  # noqa: E731
+    tex = lambda s: s.replace("×", r"$\times$").replace("—", "--")  # noqa: E731
     for r in rows:
-        cells = [esc(r.row), esc(r.metric), fmt_value(r.ours, r.metric), fmt_paper(r.paper),
+        cells = [esc(r.row), esc(r.metric), fmt_cell(r.ours, r.metric), fmt_paper(r.paper),
                  fmt_delta(r.ours_delta, r.metric), fmt_delta(r.paper_delta, r.metric)]
         out.append(" & ".join(tex(c) for c in cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -223,77 +291,35 @@ def table_latex(name: str, rows: list[Row], title: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- guidelines
-def _cell(tables: dict[str, list[Row]], table: str, row: str, metric: str = "top1") -> Row | None:
-    return next((r for r in tables.get(table, []) if r.row == row and r.metric == metric), None)
+def guideline_delta(spec: dict, results: Results, paper: dict) -> dict:
+    """One delta of a guideline: mean(plus) - mean(minus) of table cells, ours with its interval and the paper's."""
+    study = results.study
+    plus, minus = as_list(spec.get("plus")), as_list(spec.get("minus"))
+    cells = [study.cell(ref) for ref in plus + minus]
+    ours = results.delta("top1", [c[3] for c in cells[:len(plus)]], [c[3] for c in cells[len(plus):]])
+    values = [paper.get(c[:3]) for c in cells]
+    theirs = None
+    if None not in values:
+        theirs = float(np.mean(values[:len(plus)]) - (np.mean(values[len(plus):]) if minus else 0.0))
+    label = spec.get("label") or f"{' + '.join(plus)} − {' + '.join(minus)}"
+    return {"delta": label, "ours": ours, "paper": theirs}
 
 
-def _compare(a: Row | None, b: Row | None, label: str) -> dict:
-    """Delta a - b with the seed test: does it exceed the seed-to-seed spread?"""
-    if a is None or b is None or not a.ours.ok or not b.ours.ok:
-        return {"delta": label, "ours": None, "paper": None, "seed_test": "missing result"}
-    d = a.ours.mean - b.ours.mean
-    paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
-    if a.ours.n > 1 and b.ours.n > 1:
-        spread = math.sqrt(a.ours.std ** 2 + b.ours.std ** 2)
-        test = f"{'exceeds' if abs(d) > spread else 'within'} the seed spread ({spread:.2f})"
-    else:
-        test = "one seed: no seed-spread test could be made"
-    return {"delta": label, "ours": d, "paper": paper, "seed_test": test}
-
-
-def guideline_verdicts(tables: dict[str, list[Row]], hardly_pp: float = 0.5) -> list[dict]:
-    """Each guideline's verdict, computed from the tables (never typed in)."""
+def guideline_verdicts(results: Results, paper: dict) -> list[dict]:
+    """Each guideline's verdict from its voting deltas' intervals (params/study.yaml: guidelines)."""
     out = []
-    # 1: soft KD without labels is the best row of T2 and of T3
-    deltas, checks = [], []
-    for t, prefix in (("T2", "identity"), ("T3", "affine")):
-        target = _cell(tables, t, f"{prefix}-nolabel-soft")
-        others = [r for r in tables.get(t, []) if r.ours.ok and r is not target]
-        if target is None or not target.ours.ok or not others:
-            checks.append(None)
-            continue
-        runner_up = max(others, key=lambda r: r.ours.mean)
-        deltas.append(_compare(target, runner_up, f"{t}: {target.row} − best other row ({runner_up.row})"))
-        checks.append(deltas[-1]["ours"] > 0)
-    out.append(_verdict(1, None if None in checks else all(checks), deltas))
-    # 2: affine alone hardly helps: affine - identity for each labels x KD setting stays small
-    deltas = []
-    for setting in ("label-nokd", "label-hard", "nolabel-hard", "label-soft", "nolabel-soft"):
-        deltas.append(_compare(_cell(tables, "T3", f"affine-{setting}"), _cell(tables, "T2", f"identity-{setting}"),
-                               f"affine − identity, {setting}"))
-    known = [d["ours"] for d in deltas if d["ours"] is not None]
-    ok = (statistics.fmean(known) < hardly_pp) if known else None
-    out.append(_verdict(2, ok, deltas, f"supported when the mean gain is below {hardly_pp} points"))
-    # 3: module imitation helps the affine student (T4 best MI row over soft KD alone)
-    t4 = [r for r in tables.get("T4", []) if r.row != "feat0-rel0-none" and r.ours.ok]
-    ref = _cell(tables, "T4", "feat0-rel0-none")
-    deltas = [_compare(_cell(tables, "T4", "feat80-rel20-l4"), ref, "T4: feat80-rel20-l4 − no imitation")]
-    if t4:
-        best = max(t4, key=lambda r: r.ours.mean)
-        deltas.append(_compare(best, ref, f"T4: best imitation row ({best.row}) − no imitation"))
-    ok = deltas[0]["ours"] > 0 if deltas[0]["ours"] is not None else None
-    out.append(_verdict(3, ok, deltas))
-    # 4: the large-receptive-field teacher (GFNet) beats the PoolFormer teacher, with and without MI
-    deltas = [_compare(_cell(tables, "T5", "gfnet_h_b", m), _cell(tables, "T5", "poolformer_m48", m),
-                       f"T5 {m}: GFNet teacher − PoolFormer teacher") for m in ("top1_wo_mi", "top1_w_mi")]
-    known = [d["ours"] for d in deltas if d["ours"] is not None]
-    ok = all(k > 0 for k in known) if known else None
-    # LightViT (global through its global tokens) as a second large-receptive-field teacher: shown, not voted
-    deltas += [_compare(_cell(tables, "T5", "lightvit_tiny", m), _cell(tables, "T5", "poolformer_m48", m),
-                        f"T5 {m}: LightViT teacher − PoolFormer teacher (not in the paper)")
-               for m in ("top1_wo_mi", "top1_w_mi") if _cell(tables, "T5", "lightvit_tiny", m) is not None]
-    out.append(_verdict(4, ok, deltas, "verdict from the paper's GFNet − PoolFormer deltas"))
-    # 5: partial loading improves
-    deltas = [_compare(_cell(tables, "PL", "mi-gfnet-partial-init"), _cell(tables, "PL", "mi-gfnet"),
-                       "PL: partial init − none")]
-    ok = deltas[0]["ours"] > 0 if deltas[0]["ours"] is not None else None
-    out.append(_verdict(5, ok, deltas))
+    for g in results.study.guidelines:
+        votes = [guideline_delta(d, results, paper) for d in g["vote"]]
+        shown = [guideline_delta(d, results, paper) for d in g.get("show", [])]
+        sign = 1 if g["direction"] == "above" else -1
+        if any(d["ours"] is None for d in votes):
+            verdict = "not testable (missing or stale results)"
+        else:
+            sides = [sign * d["ours"].side(g["threshold"]) for d in votes]
+            verdict = "supported" if all(s == 1 for s in sides) else "contradicted" if -1 in sides else "inconclusive"
+        out.append({"guideline": g["id"], "text": g["text"], "rule": g["rule"], "direction": g["direction"],
+                    "threshold": g["threshold"], "verdict": verdict, "votes": votes, "shown": shown})
     return out
-
-
-def _verdict(n: int, ok: bool | None, deltas: list[dict], rule: str = "") -> dict:
-    verdict = "not testable (missing results)" if ok is None else ("supported" if ok else "not supported")
-    return {"guideline": n, "text": GUIDELINES[n], "verdict": verdict, "rule": rule, "deltas": deltas}
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -352,15 +378,42 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
         md_tables.append(md)
     f1 = figures.latency_table(results.latency, paper)
     _write_text(out / "tables" / "F1.md", f1)
-    verdicts = guideline_verdicts(tables, study.settings.get("report", {}).get("hardly_helps_pp", 0.5))
+    verdicts = guideline_verdicts(results, paper)
     figs = figures.make_all(study, results, tables, paper, out / "figures")
     adaptive = adaptive_summary(study, results)
-    summary = {"profile": study.profile, "verdicts": verdicts, "figures": figs, "adaptive": adaptive,
-               "missing": [f"{r.table}/{r.row}/{r.metric}" for rows in tables.values() for r in rows if not r.ours.ok]}
+    cells = [r for rows in tables.values() for r in rows]
+    summary = {"profile": study.profile, "seeds": study.settings["seeds"], "test_images": results.test_images,
+               "level": results.level, "verdicts": _plain(verdicts), "figures": figs, "adaptive": adaptive,
+               "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
+               "stale": sorted(results.stale)}
     write_json(out / "summary.json", summary)
     md_tables.append(adaptive_markdown(adaptive))
     _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s))
-    return summary
+    return {**summary, "tables": tables}
+
+
+def _plain(obj):
+    """JSON-ready: intervals become dicts."""
+    if isinstance(obj, Interval):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def cell_metrics(tables: dict[str, list[Row]]) -> dict[str, float]:
+    """Every table cell as MLflow metrics: ours and its Δ, each with its interval (`T2/row/top1/delta_low`)."""
+    out = {}
+    for rows in tables.values():
+        for r in rows:
+            key = f"{r.table}/{r.row}/{r.metric}"
+            for name, iv in (("", r.ours.value), ("delta", r.ours_delta)):
+                if iv is not None:
+                    prefix = f"{key}/{name + '_' if name else ''}"
+                    out.update({f"{prefix}mean": iv.mean, f"{prefix}low": iv.low, f"{prefix}high": iv.high})
+    return out
 
 
 def adaptive_summary(study: Study, results: Results) -> dict:
@@ -409,41 +462,64 @@ def adaptive_markdown(adaptive: dict) -> str:
 
 
 def _ratio(r: dict | None) -> str:
-    return MISSING if not r else f"×{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+    if not r:
+        return MISSING
+    iv = median_interval(r["samples"])
+    return f"×{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
 
 
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],
            figs: list[str], wall_time_s: float | None) -> str:
     meta = _maybe_json(study.data_dir / "meta.json") or {}
-    evals = [e for e in results.evals.values() if e]
-    train_time = sum(_maybe_json(study.run_dir(e["run"]) / "metrics.json")["train_wall_time_s"] for e in evals)
+    train_time = sum((_maybe_json(study.run_dir(r) / "metrics.json") or {}).get("train_wall_time_s", 0)
+                     for r in results.evals)
     git = tracking.git_state()
     bench = results.benchmark or {}
+    seeds, n = study.settings["seeds"], results.test_images
+    rounds = (bench.get("repeats") or 0)
     lines = [
         f"# RIFormer study: `{study.profile}` profile", "",
         f"{study.settings.get('description', '')}. Every table below puts our figure beside the paper's and "
         "compares the changes relative to each table's reference row: absolute numbers on another dataset do not "
-        "compare. Generated by `python -m pipeline report` (do not edit).", "",
+        "compare. Generated by `python -m pipeline report` (do not edit); run links open the MLflow UI of the "
+        "machine that ran the study (`make ui`).", "",
         "| | |", "|---|---|",
         f"| profile | `{study.profile}` |",
         f"| dataset | {meta.get('source', MISSING)}, {meta.get('counts', MISSING)}, "
         f"hash `{meta.get('data_hash', '')[:16]}` |",
+        f"| test images | {n:,} (every accuracy and Δ below is over all of them) |" if n else "| test images | — |",
+        f"| seeds | {seeds}: every student variant once per seed; teachers once |",
         f"| git commit | `{git['git_commit'][:12]}` (dirty: {git['git_dirty']}) |",
         f"| device | {bench.get('device_name', platform.processor() or platform.machine())} |",
-        f"| runs evaluated | {len(evals)} of {len(study.runs)} |",
+        f"| runs evaluated | {len(results.evals)} of {len(study.runs)}"
+        + (f"; stale (inputs changed since, not shown): {', '.join(sorted(results.stale))}" if results.stale else "")
+        + " |",
         "| total wall time | " + (f"{wall_time_s / 60:.1f} min for the pipeline invocation that wrote this report; "
                                    if wall_time_s else "") + f"{train_time / 60:.1f} min of training (sum over runs) |",
-        f"| seeds | {study.settings['seeds']} |", "",
-        "## The five guidelines (verdicts computed from the tables)", "",
+        "",
+        "## How to read the intervals", "",
+        f"Each top-1 and each Δ of top-1 has a {results.level:.0%} interval that counts both sources of chance: "
+        f"the seeds (training randomness; variants of one seed see the same batches, so a Δ is paired by seed) and "
+        f"the test images (paired by image). "
+        + ("With one seed the interval covers the test images only: the seed-to-seed variation is not in it. "
+           if len(seeds) == 1 else
+           f"With {len(seeds)} seeds the t quantile has few degrees of freedom, so the intervals are wide. ")
+        + f"MDE is the minimal detectable effect: the true Δ these seeds and test images find with "
+        f"{results.power:.0%} power. Throughput intervals are over the {rounds} interleaved rounds of the "
+        "benchmark (order statistics of the median). The method: `pipeline/stats.py` and the README.", "",
+        "## The five guidelines (verdicts computed from the intervals)", "",
+        "supported: every voting Δ's interval lies on the paper's side of the threshold; contradicted: one lies "
+        "on the other side; inconclusive: an interval contains the threshold.", "",
     ]
     for v in verdicts:
-        rule = f" ({v['rule']})" if v["rule"] else ""
-        lines.append(f"**{v['guideline']}. {v['text']}** — **{v['verdict']}**{rule}")
-        lines.append("")
-        for d in v["deltas"]:
-            ours = MISSING if d["ours"] is None else fmt_delta(d["ours"], "top1")
-            paper = MISSING if d["paper"] is None else fmt_delta(d["paper"], "top1")
-            lines.append(f"- {d['delta']}: ours {ours}, paper {paper}; {d['seed_test']}")
+        lines += [f"**{v['guideline']}. {v['text']}** — **{v['verdict']}**", "",
+                  f"Rule: {v['rule']} (Δ {'>' if v['direction'] == 'above' else '<'} {v['threshold']:g} points).", "",
+                  "| Δ | ours [95% CI] | MDE | seeds × images | paper | votes |", "|---|---|---|---|---|---|"]
+        for d, votes in [(d, "yes") for d in v["votes"]] + [(d, "no (shown)") for d in v["shown"]]:
+            iv = d["ours"]
+            lines.append(f"| {d['delta']} | {fmt_delta(iv, 'top1')} | "
+                         + (f"{iv.mde:.2f} | {iv.seeds} × {iv.n:,}" if iv else f"{MISSING} | {MISSING}")
+                         + f" | {fmt_delta(d['paper'], 'top1')} | {votes} |")
         lines.append("")
     lines += ["## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1, "## Figures", ""]
     for f in figs:
@@ -453,18 +529,20 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
 
 def run(args: argparse.Namespace) -> dict:
     study = load_study(args.profile, check_data=False)
-    out = Path(args.out or f"reports/{args.profile}")
+    out = Path(args.out) if args.out else study.report_dir
     summary = write_report(study, out, mlflow_links(args.profile), invocation_wall_time(args.profile))
-    with tracking.stage_run(args.profile, "report", args.profile) as (mlflow, _):
+    with tracking.stage_run(args.profile, "report", args.profile) as (mlflow, run):
         for v in summary["verdicts"]:
             mlflow.set_tag(f"guideline_{v['guideline']}", v["verdict"])
         mlflow.log_artifacts(str(out), "report")
+        # the invocation's parent run carries every table cell, so one MLflow view compares invocations
+        tracking.log_metrics(tracking.parent_run_id(args.profile) or run.info.run_id, cell_metrics(summary["tables"]))
     for v in summary["verdicts"]:
         print(f"guideline {v['guideline']}: {v['verdict']}")
-    print(f"report -> {out}/README.md ({len(summary['missing'])} missing cells)")
+    print(f"report -> {out}/README.md ({len(summary['missing'])} missing cells, {len(summary['stale'])} stale runs)")
     return summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default")
-    p.add_argument("--out", help="report folder (default reports/<profile>)")
+    p.add_argument("--out", help="report folder (default results/<profile>/report)")

@@ -1,7 +1,7 @@
 """The study: params/ resolved into runs, tables and file paths, for every driver, report and test.
 
 params/defaults.yaml   shared defaults
-params/<profile>.yaml  a profile over them (smoke | default | paper)
+params/<profile>.yaml  a profile over them: smoke, default, paper, or any file of the user
 params/study.yaml      teachers, variants and the paper's tables
 
 `load_study(profile)` validates everything before anything runs (JSON schema plus the checks a schema
@@ -19,26 +19,14 @@ import jsonschema
 import yaml
 
 from pipeline.config import TrainConfig, config_from_dict
+from pipeline.identity import INPUT_KEYS, run_identity
 from pipeline.tracking import REPO_ROOT
 
 PARAMS = REPO_ROOT / "params"
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "study.schema.yaml"
-PROFILES = ("smoke", "default", "paper")
-PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency")
-REF_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
-
-
-# The code each stage runs: a change to it reruns the stage in both drivers (and nothing else).
-_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py",
-           "pipeline/models/lightvit.py", "pipeline/models/adavit.py"]
-STAGE_CODE = {
-    "prepare-data": ["pipeline/data.py"],
-    "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py"] + _MODELS,
-    "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
-    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py"] + _MODELS,
-    "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
-    "report": ["pipeline/report.py", "pipeline/figures.py", "params/paper_results.csv"],
-}
+NOT_PROFILES = ("defaults", "study")  # params/ files that are not profiles
+PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency",
+                    "report")
 
 
 class StudyError(ValueError):
@@ -69,7 +57,9 @@ class Study:
     variants: dict[str, dict]
     tables: dict[str, dict]
     results: Path
+    guidelines: list[dict] = field(default_factory=list)
     _configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False, compare=False)
+    _data_hash: str | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------------- runs
     def seed_name(self, variant: str, seed: int) -> str:
@@ -107,11 +97,19 @@ class Study:
         """The runs this run needs first (its teachers and partial-init source)."""
         spec = self.run_specs[run][1]
         refs = []
-        for section, key in REF_KEYS:
+        for section, key in INPUT_KEYS:
             value = (spec.get(section) or {}).get(key) if section else spec.get(key)
             if value in self.run_specs:
                 refs.append(value)
         return sorted(set(refs))
+
+    def cell(self, ref: str) -> tuple[str, str, str, str | None]:
+        """A table cell named `TABLE/row` (metric top1) or `TABLE/row/metric`: (table, row, metric, run)."""
+        table, row, metric = (ref.split("/") + ["top1"])[:3]
+        for r in self.tables.get(table, {}).get("rows", []):
+            if r["row"] == row and r.get("metric", "top1") == metric:
+                return table, row, metric, r.get("run")
+        raise StudyError(f"no table cell {ref!r} (TABLE/row or TABLE/row/metric of params/study.yaml's tables)")
 
     def tables_of(self, run: str) -> list[str]:
         variant = self.variant_of(run)
@@ -142,6 +140,15 @@ class Study:
     def latency_path(self) -> Path:
         return self.results / "latency.json"
 
+    def predictions_path(self, run: str) -> Path:
+        """Each test image's predicted class and label under the deploy model (the report's statistics)."""
+        return self.results / "eval" / f"{run}.predictions.npz"
+
+    @property
+    def report_dir(self) -> Path:
+        """The report stage's output; `python -m pipeline publish` copies it to reports/<profile>/."""
+        return self.results / "report"
+
     def decisions_path(self, run: str) -> Path:
         """AdaViT runs: the patches each block kept on a few test images (the report's figure)."""
         return self.results / "eval" / f"{run}.decisions.json"
@@ -163,6 +170,16 @@ class Study:
         """The model evaluation reads: the re-parameterized one for affine students, else the trained one."""
         return self.deploy_dir(run) / "model.pt" if self.needs_reparameterize(run) else self.model_path(run)
 
+    # ------------------------------------------------------------------------------------- identity
+    def identity(self, run: str) -> dict:
+        """The identity a current result of `run` must have (pipeline.identity): its resolved config, the prepared
+        data, its teacher / init files and the training code, as they are now."""
+        from pipeline.data import load_prepared
+
+        if self._data_hash is None:
+            self._data_hash = load_prepared(self.data_dir).data_hash
+        return run_identity(self.run_config(run), self._data_hash)
+
     # -------------------------------------------------------------------------------------- configs
     def run_config(self, run: str, overrides: list[str] | None = None, threads: int | None = None) -> TrainConfig:
         """The resolved training config of a run: defaults < teacher_train < models < study < profile runs."""
@@ -181,11 +198,11 @@ class Study:
         if mi.get("teacher"):
             for k, v in self.settings["mi_lambdas"].items():
                 mi.setdefault(k, v)
-        for section, key in REF_KEYS:
+        for section, key in INPUT_KEYS:
             node = values.get(section) if section else values
             if node and node.get(key) in self.run_specs:
                 node[key] = str(self.model_path(node[key]))
-        values.update(name=run, role=role, seed=seed, tables=self.tables_of(run))
+        values.update(name=run, variant=self.variant_of(run), role=role, seed=seed, tables=self.tables_of(run))
         values.setdefault("data", {})["path"] = str(self.data_dir)
         if threads:
             values["threads"] = threads
@@ -198,12 +215,18 @@ class Study:
         return cfg
 
 
+def profiles(params: Path = PARAMS) -> list[str]:
+    """Every params/<name>.yaml that is a profile: any such file runs through both drivers."""
+    return sorted(p.stem for p in Path(params).glob("*.yaml") if p.stem not in NOT_PROFILES)
+
+
 def load_study(profile: str = "default", check_data: bool = True, overrides: dict | None = None,
                params: Path = PARAMS) -> Study:
     """Read, merge and validate params/ for `profile` (overrides: a dict merged over the profile)."""
     params = Path(params)
-    if not (params / f"{profile}.yaml").is_file():
-        raise StudyError(f"unknown profile {profile!r}: {params}/{profile}.yaml not found (profiles: {PROFILES})")
+    if profile in NOT_PROFILES or not (params / f"{profile}.yaml").is_file():
+        raise StudyError(f"unknown profile {profile!r}: {params}/{profile}.yaml not found (profiles: "
+                         f"{', '.join(profiles(params))})")
     profile_file = _read(params / f"{profile}.yaml")
     missing = [s for s in PROFILE_SECTIONS if s not in profile_file]
     if missing:
@@ -220,7 +243,7 @@ def load_study(profile: str = "default", check_data: bool = True, overrides: dic
     if errors:
         raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
     study = Study(profile, settings, study_file.get("teachers", {}), study_file.get("variants", {}),
-                  study_file.get("tables", {}), Path("results") / profile)
+                  study_file.get("tables", {}), Path("results") / profile, study_file.get("guidelines", []))
     errors += _semantic_errors(study, check_data)
     if errors:
         raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
@@ -244,7 +267,7 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
         if spec.get("model") not in models:
             errors.append(f"study.yaml {run}: model {spec.get('model')!r} is not a key of the profile's models: "
                           f"{sorted(models)}")
-        for section, key in REF_KEYS:
+        for section, key in INPUT_KEYS:
             value = (spec.get(section) or {}).get(key) if section else spec.get(key)
             if value and value not in study.run_specs and key != "init":
                 errors.append(f"study.yaml {run}: {section + '.' if section else ''}{key} names an unknown run "
@@ -258,6 +281,19 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
                 errors.append(f"study.yaml tables.{t} row {row.get('row')}: unknown run {row['run']!r}")
         if table.get("reference") not in {r.get("row") for r in table.get("rows", [])}:
             errors.append(f"study.yaml tables.{t}: reference {table.get('reference')!r} is not one of its rows")
+    for g in study.guidelines:
+        where = f"study.yaml guidelines {g.get('id')}"
+        if g.get("direction") not in ("above", "below") or not isinstance(g.get("threshold"), int | float):
+            errors.append(f"{where}: needs direction (above | below) and a numeric threshold")
+        if not g.get("vote"):
+            errors.append(f"{where}: no `vote` deltas")
+        for delta in g.get("vote", []) + g.get("show", []):
+            for ref in as_list(delta.get("plus")) + as_list(delta.get("minus")):
+                try:
+                    if study.cell(ref)[3] is None:
+                        errors.append(f"{where}: cell {ref!r} has no run of ours")
+                except StudyError as e:
+                    errors.append(f"{where}: {e}")
     if not errors:
         for run in study.runs:  # every run's training config must build (keys, values, references)
             try:
@@ -276,6 +312,10 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
             except DataError as e:
                 errors.append(str(e))
     return errors
+
+
+def as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def run_config(profile: str, run: str, overrides: list[str] | None = None, threads: int | None = None):

@@ -3,10 +3,11 @@
 AdamW + warm-up/cosine (timm's factories), label smoothing, drop path, timm's Mixup/CutMix when the
 recipe asks for them, DeiT-style logit distillation and RIFormer's module imitation (pipeline.losses).
 
-Crash safety: a checkpoint is written atomically after every epoch. Started again with the same config,
-a run resumes from it; every RNG is re-seeded from (seed, epoch) at the start of each epoch, so a resumed
-run ends with the same metrics as an uninterrupted one. A checkpoint from a different config is not
-resumed. The final files are written last: model.pt, history.json, then metrics.json.
+Crash safety: a checkpoint is written atomically after every epoch. Started again with the same inputs, a
+run resumes from it; every RNG is re-seeded from (seed, epoch) at the start of each epoch, so a resumed
+run ends with the same metrics as an uninterrupted one. A checkpoint trained from other inputs (config,
+data, teacher or init files, code: pipeline.identity) is not resumed: the run starts over and says which
+input changed. The final files are written last: model.pt, history.json, then metrics.json.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,9 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.config import TrainConfig, apply_overrides, config_from_dict
 from pipeline.data import Prepared, build_loader, load_prepared
+from pipeline.identity import identity_changes, run_identity
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
-from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss, default_blocks
+from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,19 +116,49 @@ def partial_load(student: nn.Module, teacher_state: dict[str, torch.Tensor]) -> 
     return {"loaded": loaded, "skipped": skipped, "unused": unused}
 
 
-def load_teacher(path: str, device: torch.device) -> nn.Module:
+def teacher_checkpoint(path: str, prepared: Prepared, role: str) -> dict:
+    """A teacher's (or partial-init source's) checkpoint, checked against the data: one trained for other
+    classes or input channels is a clear error, never a size-mismatch traceback in the middle of a step."""
+    ckpt = load_checkpoint(path)
+    kwargs = ckpt.get("model_kwargs", {})
+    for key in ("num_classes", "in_chans"):
+        if key in kwargs and kwargs[key] != prepared.meta[key]:
+            raise ValueError(f"{role} {path} was trained with {key}={kwargs[key]}, but the prepared data "
+                             f"{prepared.path} has {key}={prepared.meta[key]}: retrain it on this data")
+    return ckpt
+
+
+def load_teacher(path: str, device: torch.device, prepared: Prepared, role: str) -> nn.Module:
     """A trained teacher in eval mode with frozen weights."""
-    model = model_from_checkpoint(load_checkpoint(path)).to(device).eval()
+    model = model_from_checkpoint(teacher_checkpoint(path, prepared, role)).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def resumable_state(path: Path, identity: dict, name: str) -> dict | None:
+    """The checkpoint to resume from; None, saying why, when there is none or it was trained from other
+    inputs (config, data, teacher or init files, code, libraries: pipeline.identity)."""
+    if not path.exists():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except ValueError as e:  # a broken checkpoint is never mistaken for progress
+        print(f"[{name}] ignoring {e}; starting over")
+        return None
+    changes = identity_changes(state.get("identity"), identity)
+    if changes:
+        print(f"[{name}] not resuming {path}: its inputs changed; starting over. Changed: {'; '.join(changes)}")
+        return None
+    return state
+
+
 # ------------------------------------------------------------------------------------------------ epochs
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict:
+    """Top-1 and top-5 (%), mean cross-entropy, and each image's predicted class and label (`pred`, `label`)."""
     model.eval()
-    n, top1, top5, loss = 0, 0.0, 0.0, 0.0
+    n, top1, top5, loss, preds, targets = 0, 0.0, 0.0, 0.0, [], []
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
@@ -137,7 +170,83 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
         b = len(labels)
         n, top1, top5 = n + b, top1 + a1.item() * b, top5 + a5.item() * b
         loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
+        preds.append(logits.argmax(1).cpu())
+        targets.append(labels.cpu())
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": torch.cat(preds), "label": torch.cat(targets)}
+
+
+@dataclass
+class Objective:
+    """One training step's loss terms: CE and logit distillation (DeiT), AdaViT's usage loss, module imitation."""
+    criterion: DistillationLoss
+    kd_teacher: nn.Module | None = None
+    mi_teacher: nn.Module | None = None
+    mixup: Mixup | None = None
+    usage: UsageLoss | None = None
+    imitation: ModuleImitation | None = None
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: int):
+        """(student logits, {term: weighted loss}) for one batch at optimizer step `step` (0-based)."""
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        teacher_logits = None
+        with torch.no_grad():
+            if self.kd_teacher is not None:
+                teacher_logits = self.kd_teacher(images).float()
+            if self.mi_teacher is not None and self.mi_teacher is not self.kd_teacher:
+                self.mi_teacher(images)  # its hooks keep the block outputs module imitation reads
+        logits = model(images)
+        terms = self.criterion(logits.float(), targets, teacher_logits)
+        if self.usage is not None:
+            terms.update(self.usage(model.decisions))
+        if self.imitation is not None:
+            terms.update({k: v.float() for k, v in self.imitation(step).items()})
+        return logits, terms
+
+
+def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, objective: Objective, optimizer,
+                    scheduler, device: torch.device, autocast, progress: bool) -> dict:
+    """One pass over the training set; returns the epoch's row of the history (means over the steps)."""
+    loader.set_epoch(epoch)
+    model.train()
+    steps = len(loader)
+    sums: dict[str, float] = {}
+    correct = correct5 = seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if device.type == "cuda" and cfg.amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits, terms = objective(model, images, labels, epoch * steps + step)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{cfg.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                f"lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step_update(epoch * steps + step + 1)
+        for k, v in {"loss": loss, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        seen += len(labels)
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", acc=f"{100 * correct / seen:.1f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    return {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+            **{f"train/{k}": v / steps for k, v in sums.items()},
+            "train/top1": 100 * correct / seen, "train/top5": 100 * correct5 / seen,
+            "train/images_per_s": seen / (time.perf_counter() - t0)}
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", progress: bool = True,
@@ -176,15 +285,17 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     if cfg.init:
         init_log = init_from_file(model, cfg.init)
     if cfg.partial_init:
-        init_log["partial_init"] = partial_load(model, load_checkpoint(cfg.partial_init)["state_dict"])
+        source = teacher_checkpoint(cfg.partial_init, prepared, "partial_init")
+        init_log["partial_init"] = partial_load(model, source["state_dict"])
     model.to(device)
     if use_amp:
         model.to(memory_format=torch.channels_last)
-    kd_teacher = load_teacher(cfg.kd.teacher, device) if cfg.kd.type != "none" else None
+    kd_teacher = load_teacher(cfg.kd.teacher, device, prepared, "kd.teacher") if cfg.kd.type != "none" else None
     mi_on = any(v > 0 for v in (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel))
     mi_teacher = None
     if mi_on:
-        mi_teacher = kd_teacher if cfg.mi.teacher == cfg.kd.teacher else load_teacher(cfg.mi.teacher, device)
+        mi_teacher = (kd_teacher if cfg.mi.teacher == cfg.kd.teacher
+                      else load_teacher(cfg.mi.teacher, device, prepared, "mi.teacher"))
 
     # data, optimiser, schedule, losses
     d, o = cfg.data, cfg.optim
@@ -205,35 +316,25 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=o.label_smoothing,
                    num_classes=kwargs["num_classes"]) if d.mixup > 0 or d.cutmix > 0 else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
-    criterion = DistillationLoss(base, cfg.kd.type, cfg.kd.alpha, cfg.kd.tau, cfg.kd.labels)
-    usage = UsageLoss(cfg.usage) if hasattr(model, "decisions") else None  # AdaViT: on its kept fractions
-    imitation = None
+    objective = Objective(DistillationLoss(base, cfg.kd.type, cfg.kd.alpha, cfg.kd.tau, cfg.kd.labels),
+                          kd_teacher, mi_teacher, mixup)
+    if hasattr(model, "decisions"):  # AdaViT: the usage loss on its kept fractions
+        objective.usage = UsageLoss(cfg.usage)
     if mi_on:
-        depths = [len(s.blocks) for s in model.stages]
-        blocks = cfg.mi.blocks if cfg.mi.blocks is not None else default_blocks(depths, cfg.mi.layers)
-        imitation = ModuleImitation(model, mi_teacher, blocks, cfg.mi.lambda_in, cfg.mi.lambda_out,
-                                    cfg.mi.lambda_rel, round(cfg.mi.feat_frac * o.epochs * len(train_loader)),
-                                    round(cfg.mi.rel_frac * o.epochs * len(train_loader)), cfg.mi.feature_reduction,
-                                    cfg.mi.rel_reduction)
-        init_log["mi_blocks"] = blocks
+        objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * len(train_loader))
+        init_log["mi_blocks"] = objective.imitation.blocks
 
-    # resume
+    # resume only a checkpoint trained from the same inputs
+    identity = run_identity(cfg, prepared.data_hash)
     ckpt_path = out_dir / "checkpoint.pt"
     start_epoch, history, run_id = 0, [], None
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a broken checkpoint is never mistaken for progress
-            print(f"[{cfg.name}] ignoring unreadable {ckpt_path} ({type(e).__name__}); starting over")
-            state = None
-        if state is not None and state.get("digest") == cfg.digest():
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, history, run_id = state["epoch"] + 1, state["history"], state.get("run_id")
-            print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1} of {o.epochs} from {ckpt_path}")
-        elif state is not None:
-            print(f"[{cfg.name}] {ckpt_path} is from another config; starting over")
+    state = resumable_state(ckpt_path, identity, cfg.name)
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, run_id = state["epoch"] + 1, state["history"], state.get("run_id")
+        print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1} of {o.epochs} from {ckpt_path}")
 
     mlflow = tracking.setup(experiment)
     run = _start_run(mlflow, cfg, run_id, prepared, device, profile)
@@ -247,71 +348,23 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
         pl = init_log["partial_init"]
         print(f"[{cfg.name}] partial init: loaded {len(pl['loaded'])} keys, kept init for {pl['skipped']}")
 
-    steps_per_epoch = len(train_loader)
+    # one checkpoint schema (pipeline.io): model.pt is checkpoint.pt without the training state (which includes
+    # the MLflow run to continue: a model's bytes, and so its students' identities, depend on its weights only)
+    record = {"model": cfg.model, "model_kwargs": kwargs, "config": {"img_size": d.img_size}, "identity": identity}
     wall_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, o.epochs):
             seed_everything(cfg.seed * 1000 + epoch)  # resume-exact: every RNG restarts with the epoch
-            train_loader.set_epoch(epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            correct = correct5 = seen = 0
             t0 = time.perf_counter()
-            bar = tqdm(train_loader, desc=f"{cfg.name} epoch {epoch + 1}/{o.epochs}", disable=not progress,
-                       leave=False, dynamic_ncols=True)
-            for step, (images, labels) in enumerate(bar):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if use_amp:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = labels
-                if mixup is not None:
-                    images, targets = mixup(images, labels)
-                with autocast():
-                    teacher_logits = None
-                    if kd_teacher is not None or mi_teacher is not None:
-                        with torch.no_grad():
-                            if kd_teacher is not None:
-                                teacher_logits = kd_teacher(images).float()
-                            if mi_teacher is not None and mi_teacher is not kd_teacher:
-                                mi_teacher(images)
-                    logits = model(images)
-                    terms = criterion(logits.float(), targets, teacher_logits)
-                    if usage is not None:
-                        terms.update(usage(model.decisions))
-                    if imitation is not None:
-                        terms.update({k: v.float() for k, v in imitation(epoch * steps_per_epoch + step).items()})
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"{cfg.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                        f"lower optim.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
-                scheduler.step_update(epoch * steps_per_epoch + step + 1)
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                correct += (top5[:, 0] == labels).sum().item()
-                correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
-                seen += len(labels)
-                if progress:
-                    bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", acc=f"{100 * correct / seen:.1f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            train_time = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   **{f"train/{k}": v / steps_per_epoch for k, v in sums.items()},
-                   "train/top1": 100 * correct / seen, "train/top5": 100 * correct5 / seen,
-                   "train/images_per_s": seen / train_time}
+            row = train_one_epoch(cfg, epoch, model, train_loader, objective, optimizer, scheduler, device,
+                                  autocast, progress)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == o.epochs:
-                row.update({f"test/{k}": v for k, v in evaluate(model, test_loader, device, autocast).items()})
+                acc = evaluate(model, test_loader, device, autocast)
+                row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
             row["epoch_time_s"] = time.perf_counter() - t0
             history.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            save_checkpoint(ckpt_path, {"digest": cfg.digest(), "epoch": epoch, "state_dict": model.state_dict(),
+            save_checkpoint(ckpt_path, {**record, "state_dict": model.state_dict(), "epoch": epoch,
                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                         "history": history, "run_id": run_id})
             msg = f"[{cfg.name}] epoch {epoch + 1}/{o.epochs} loss {row['train/loss']:.4f}"
@@ -324,23 +377,20 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
         mlflow.end_run(status=status)
         raise
     finally:
-        if imitation is not None:
-            imitation.remove()
+        if objective.imitation is not None:
+            objective.imitation.remove()
 
     final = history[-1]
     metrics = {
-        "name": cfg.name, "role": cfg.role, "model": cfg.model, "run_id": run_id, "data_hash": prepared.data_hash,
-        "config_digest": cfg.digest(), "epochs": o.epochs, "test_top1": final["test/top1"],
-        "test_top5": final["test/top5"],
+        "name": cfg.name, "variant": cfg.variant or cfg.name, "seed": cfg.seed, "role": cfg.role, "model": cfg.model,
+        "run_id": run_id, "data_hash": prepared.data_hash, "identity": identity, "epochs": o.epochs,
+        "test_top1": final["test/top1"], "test_top5": final["test/top5"],
         "train_images_per_s": float(np.median([r["train/images_per_s"] for r in history])),
         "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(device),
         "session_wall_time_s": time.perf_counter() - wall_start,
     }
     model.cpu()
-    save_checkpoint(out_dir / "model.pt", {"model": cfg.model, "model_kwargs": kwargs,
-                                           "state_dict": model.state_dict(), "config": {"img_size": d.img_size},
-                                           "data_hash": prepared.data_hash, "run_id": run_id,
-                                           "config_digest": cfg.digest()})
+    save_checkpoint(out_dir / "model.pt", {**record, "state_dict": model.state_dict()})
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     mlflow.log_metrics({"final/test_top1": metrics["test_top1"], "final/test_top5": metrics["test_top5"]})
@@ -356,7 +406,9 @@ def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared,
             return mlflow.start_run(run_id=run_id)
         except Exception as e:  # the store was reset since the run began
             print(f"[{cfg.name}] cannot reopen MLflow run {run_id} ({type(e).__name__}); logging to a new run")
-    tags = {"table": ",".join(cfg.tables), "variant": cfg.name, "role": cfg.role, "model": cfg.model,
+    # `variant` is the same for every seed of a variant, so the MLflow UI groups them; `seed` tells them apart
+    tags = {"table": ",".join(cfg.tables), "variant": cfg.variant or cfg.name, "seed": str(cfg.seed),
+            "role": cfg.role, "model": cfg.model,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
             "device": str(device), "stage": "train", **tracking.git_state(), **tracking.parent_tags(profile)}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)

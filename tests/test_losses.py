@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import pipeline.models  # noqa: F401
+from pipeline.config import MICfg
 from pipeline.losses import DistillationLoss, ModuleImitation, default_blocks, token_relation
 from pipeline.models import metaformer_blocks
 
@@ -76,8 +77,10 @@ def test_token_relation_shape_and_diagonal():
     torch.testing.assert_close(torch.diagonal(r, dim1=1, dim2=2), torch.ones(2, 12))
 
 
-def _mi(student, teacher, blocks, steps=10):
-    return ModuleImitation(student, teacher, blocks, 1.0, 1.0, 1.0, steps, steps)
+def _mi(student, teacher, blocks, steps=10, **lambdas):
+    cfg = MICfg(blocks=blocks, feat_frac=1.0, rel_frac=1.0, **{"lambda_in": 1.0, "lambda_out": 1.0, "lambda_rel": 1.0,
+                                                             **lambdas})
+    return ModuleImitation(student, teacher, cfg, total_steps=steps)
 
 
 def test_module_imitation_hooks_pick_the_right_blocks():
@@ -123,11 +126,12 @@ def test_module_imitation_terms_are_zero_for_the_same_network_and_positive_other
 def test_module_imitation_windows():
     student = timm.create_model("riformer_nano", num_classes=10, in_chans=1)
     teacher = timm.create_model("poolformer_nano", num_classes=10, in_chans=1)
-    mi = ModuleImitation(student, teacher, [11], 1.0, 1.0, 1.0, feat_steps=8, rel_steps=2)
+    mi = ModuleImitation(student, teacher, MICfg(blocks=[11], lambda_in=1.0, lambda_out=1.0, lambda_rel=1.0,
+                                                 feat_frac=1.0, rel_frac=0.25), total_steps=8)
     assert mi.active(0) == {"mi_in": True, "mi_out": True, "mi_rel": True}
     assert mi.active(2) == {"mi_in": True, "mi_out": True, "mi_rel": False}
     assert mi.active(8) == {"mi_in": False, "mi_out": False, "mi_rel": False}
-    zero_lambda = ModuleImitation(student, teacher, [11], 1.0, 0.0, 0.0, 8, 8)
+    zero_lambda = _mi(student, teacher, [11], steps=8, lambda_out=0.0, lambda_rel=0.0)
     assert zero_lambda.active(0) == {"mi_in": True, "mi_out": False, "mi_rel": False}
 
 

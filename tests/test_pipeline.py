@@ -1,5 +1,6 @@
-"""The ablation DAG end to end (issue 4): the smoke profile through Snakemake, then DVC on the same results;
-the paper profile planned by both drivers and one batch of each of its stage kinds on the CPU."""
+"""The ablation DAG end to end (issues 4, 11): a fresh clone plans the whole study; the smoke profile through
+Snakemake, then DVC on the same results; a changed teacher or dataset retrains exactly what depends on it; the
+paper profile and a user's own profile planned by both drivers, and one batch of each paper stage kind."""
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -16,7 +18,8 @@ from PIL import Image
 from pipeline.study import load_study
 
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["pipeline", "params", "workflow", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+COPY = ["pipeline", "params", "workflow", "reports", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+        "pyproject.toml"]
 BIN = str(Path(sys.executable).parent)
 
 pytestmark = pytest.mark.slow
@@ -66,6 +69,17 @@ def set_params(root: Path, rel: str, update) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def test_a_fresh_clone_plans_every_training_job(tmp_path):
+    """The committed files only (reports/default included, no results/): the main job trains the whole study,
+    it does not take the committed report for a result."""
+    ws = make_workspace(tmp_path / "ws")
+    assert (ws / "reports/default/README.md").is_file() and not (ws / "results").exists()
+    study = load_study("default", check_data=False)
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2"))
+    assert jobs["train_student"] == len(study.student_runs) and jobs["train_teacher"] == len(study.teacher_runs)
+    assert jobs["prepare_data"] == jobs["evaluate"] == jobs["report"] == 1
+
+
 def test_committed_dvc_yaml_is_up_to_date():
     out = subprocess.run([sys.executable, "-m", "pipeline", "dvc-yaml", "--check"], cwd=REPO, capture_output=True,
                          text=True)
@@ -80,6 +94,7 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke")
     client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
     exp = client.get_experiment_by_name("riformer-smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -93,15 +108,20 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
                 assert run is not None, f"{table}/{row['row']}: no finished MLflow run for {row['run']}"
                 assert "final/test_top1" in run.data.metrics and "deploy/test_top1" in run.data.metrics
                 assert table in run.data.tags["table"].split(",") or row["run"] in study.teachers
-                assert run.data.tags["mlflow.parentRunId"] == parent
+                assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["seed"] == "0"
+    # the parent run carries every table cell with its interval
+    cells = client.get_run(parent).data.metrics
+    assert {"T1/pooling-ce/top1/mean", "T1/identity-ce/top1/delta_low", "T8/riformer_s12/throughput/delta_high"} \
+        <= set(cells)
     # one dataset row, logged by prepare-data and shared by every training run (parallel jobs do not race on it)
     prepared = [r for r in runs if r.data.tags.get("stage") == "prepare-data"]
     digests = {i.dataset.digest for r in prepared + list(finished.values()) for i in r.inputs.dataset_inputs}
     assert len(digests) == 1 and all(r.inputs.dataset_inputs for r in prepared + list(finished.values()))
     stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     assert {"prepare-data", "train", "reparameterize", "evaluate", "latency-breakdown", "report"} <= stages
-    readme = (ws / "reports/smoke/README.md").read_text()
-    assert "### T4" in readme and "guideline" in readme.lower()
+    readme = (ws / "results/smoke/report/README.md").read_text()  # the committed reports/ are not written
+    assert "### T4" in readme and "guideline" in readme.lower() and "200 (every accuracy" in readme
+    assert len(np.load(ws / study.predictions_path("pooling-ce"))["pred"]) == 200
 
     # a second run with nothing changed does nothing
     assert "Nothing to be done" in sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
@@ -110,12 +130,20 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     out = sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
     jobs = planned_jobs(out)
     assert jobs == {"train_student": 1, "evaluate": 1, "report": 1, "all": 1}, out[-3000:]
-    before = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
     subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
+    # a changed teacher reruns it and exactly its students (and the ones that read them)
+    students = [r for r in study.student_runs if "gfnet" in study.references(r)]
+    set_params(ws, "params/smoke.yaml", lambda d: d["runs"].update(gfnet={"optim": {"lr": 1.0e-3}}))
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
+    assert jobs["train_teacher"] == 1 and jobs["train_student"] == len(students) and "prepare_data" not in jobs
+    subprocess.run(["git", "checkout", "params/smoke.yaml"], cwd=ws, check=True)
+    before = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
 
-    # DVC on the same workspace and results: it reruns its stages (no lock file yet); training resumes from
-    # each finished checkpoint instead of training again, and the results are the same, not mixed.
+    # DVC on the same workspace and results (dvc.yaml listing the smoke profile's runs): it reruns its stages (no
+    # lock file yet); training resumes from each finished checkpoint instead of training again, and the results
+    # are the same, not mixed.
     set_params(ws, "params.yaml", lambda d: d.update(profile="smoke"))
+    sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "smoke")
     out = sh(ws, "dvc", "repro")
     assert out.count("resuming after epoch 1 of 1") == len(study.runs)  # nothing trained twice
     after = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
@@ -126,6 +154,38 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     changed = sh(ws, "dvc", "status")
     assert "train-distill@identity-label-hard" in changed
     assert "train-distill@identity-label-soft" not in changed and "train-teacher@gfnet" not in changed
+    subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
+
+    # Retrained for real: the changed teacher's student starts over (it does not resume its finished checkpoint)
+    set_params(ws, "params/smoke.yaml", lambda d: d["runs"].update(gfnet={"optim": {"lr": 1.0e-3}}))
+    sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke", str(study.model_path("identity-label-soft")))
+    log = (ws / "logs/smoke/train/identity-label-soft.log").read_text()
+    assert "not resuming" in log and "kd.teacher file" in log and "resuming after" not in log
+    # and a changed dataset retrains every run, here one of them
+    set_params(ws, "params/smoke.yaml", lambda d: d["data"].update(train_subset=320))
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
+    assert jobs["prepare_data"] == 1 and jobs["train_student"] == len(study.student_runs)
+    sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke", str(study.model_path("pooling-ce")))
+    log = (ws / "logs/smoke/train/pooling-ce.log").read_text()
+    assert "not resuming" in log and "prepared data" in log and "resuming after" not in log
+
+
+# The README's "Run it on your own image folder" profile, at test size.
+USER_PROFILE = """\
+description: my own image folder
+data: {{source: imagefolder, root: {root}}}
+models: {{}}
+train:
+  data: {{img_size: 32, batch_size: 2, eval_batch_size: 2}}
+  optim: {{epochs: 1, warmup_epochs: 0}}
+teacher_train: {{}}
+mi_lambdas: {{}}
+runs: {{pooling-width-cut: {{model_kwargs: {{dims: [14, 28, 56, 112]}}}}}}
+seeds: [0]
+evaluate: {{}}
+latency: {{}}
+report: {{}}
+"""
 
 
 def _tiny_imagefolder(root: Path) -> Path:
@@ -140,12 +200,23 @@ def _tiny_imagefolder(root: Path) -> Path:
 def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     data = _tiny_imagefolder(tmp_path / "imagenet")
+    # a user's own profile: any params/<name>.yaml runs through both drivers without editing the workflow
+    (ws / "params/mine.yaml").write_text(USER_PROFILE.format(root=data))
+    mine = load_study("mine", params=ws / "params")
+    jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=mine"))
+    assert jobs["train_student"] == len(mine.student_runs) and jobs["report"] == 1
+    set_params(ws, "params.yaml", lambda d: d.update(profile="mine"))
+    sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "mine")  # its seeds differ from default's
+    plan = sh(ws, "dvc", "repro", "--dry", "--force")
+    assert plan.count("Running stage 'train-") == len(mine.runs) and "--profile mine" in plan
+
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "16", "--config", "profile=paper", f"data_root={data}"))
     study = load_study("paper", check_data=False)
     assert jobs["train_student"] == len(study.student_runs) and jobs["train_teacher"] == len(study.teacher_runs)
     assert jobs["report"] == 1
     set_params(ws, "params.yaml", lambda d: d.update(profile="paper"))
     set_params(ws, "params/paper.yaml", lambda d: d["data"].update(root=str(data)))
+    sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "paper")
     # DVC's --dry needs --force while upstream outputs do not exist yet (treeverse/dvc#9021)
     plan = sh(ws, "dvc", "repro", "--dry", "--force")
     assert plan.count("Running stage 'train-") == len(study.runs)
@@ -178,5 +249,5 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     assert adavit["model"] == "ada_deit_small" and adavit["fast_path"]["max_abs_logit_diff"] < 1e-3
     assert adavit["macs"] < adavit["macs_masked_path"]  # expected MACs of its decisions, not the dense count
     assert len(json.loads((ws / "results/paper/eval/adavit.decisions.json").read_text())["patch"][0]) == 12
-    summary = json.loads((ws / "reports/paper/summary.json").read_text())
+    summary = json.loads((ws / "results/paper/report/summary.json").read_text())
     assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing

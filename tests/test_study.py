@@ -22,7 +22,11 @@ def edit(path, update):
 
 def test_the_grid_resolves():
     study = load_study("default", check_data=False)
-    assert len(study.teacher_runs) == 4 and len(study.student_runs) == 27
+    seeds = study.settings["seeds"]
+    assert len(study.teacher_runs) == 4 and len(study.variants) == 27
+    assert len(study.student_runs) == 27 * len(seeds)  # every student variant once per seed, teachers once
+    last = study.run_config(f"affine-mi-partial-seed{seeds[-1]}")
+    assert last.variant == "affine-mi-partial" and last.seed == seeds[-1]
     # a variant that several tables use is one run: T3's label-free soft run is T4's first row and T5's
     assert study.tables_of("affine-nolabel-soft") == ["T3", "T4", "T5"]
     cfg = study.run_config("affine-mi-partial")
@@ -74,8 +78,10 @@ def test_study_errors(params, update, message):
 
 
 def test_unknown_profile_and_table(params):
-    with pytest.raises(StudyError, match="unknown profile 'huge'"):
+    with pytest.raises(StudyError, match="unknown profile 'huge'.*profiles: default, paper, smoke"):
         load_study("huge", params=params)
+    with pytest.raises(StudyError, match="unknown profile 'study'"):
+        load_study("study", params=params)
     edit(params / "study.yaml", lambda d: d["tables"]["T1"].update(reference="nothing"))
     with pytest.raises(StudyError, match="tables.T1: reference 'nothing' is not one of its rows"):
         load_study("default", check_data=False, params=params)
@@ -84,3 +90,28 @@ def test_unknown_profile_and_table(params):
 def test_image_folder_root_must_exist():
     with pytest.raises(StudyError, match="data.root '/data/imagenet': image-folder dataset not found"):
         load_study("paper")
+
+
+def test_any_profile_file_is_a_profile_and_is_validated(params):
+    """A user's params/<name>.yaml is a profile like the shipped ones; its own content is what is checked."""
+    mine = yaml.safe_load((params / "smoke.yaml").read_text())
+    (params / "mine.yaml").write_text(yaml.safe_dump({**mine, "seeds": [3, 4]}))
+    study = load_study("mine", check_data=False, params=params)
+    assert "pooling-ce-seed4" in study.runs and study.run_config("pooling-ce").seed == 3
+    (params / "mine.yaml").write_text(yaml.safe_dump({**mine, "seeds": []}))
+    with pytest.raises(StudyError, match="params/mine.yaml .* seeds: \\[\\] should be non-empty"):
+        load_study("mine", check_data=False, params=params)
+
+
+@pytest.mark.parametrize("update,message", [
+    (lambda d: d["guidelines"][0]["vote"].append({"plus": "T2/no-such-row", "minus": "T2/identity-label-nokd"}),
+     "guidelines 1: no table cell 'T2/no-such-row'"),
+    (lambda d: d["guidelines"][1].update(direction="sideways"), "guidelines 2: needs direction"),
+    (lambda d: d["guidelines"][2].update(vote=[]), "guidelines 3: no `vote` deltas"),
+    (lambda d: d["guidelines"][3]["vote"].append({"plus": "T5/swin_base/top1_wo_mi"}),
+     "guidelines 4: cell 'T5/swin_base/top1_wo_mi' has no run of ours"),
+])
+def test_guideline_errors(params, update, message):
+    edit(params / "study.yaml", update)
+    with pytest.raises(StudyError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_study("default", check_data=False, params=params)

@@ -30,9 +30,9 @@ def test_short_run_learns_and_logs_to_mlflow(small_fashion_mnist, tmp_path, mlfl
         torch.load(tmp_path / "run" / f, weights_only=True)
     run = MlflowClient(mlflow_store).get_run(metrics["run_id"])
     assert run.info.status == "FINISHED"
-    for tag in ("table", "variant", "role", "git_commit", "git_dirty", "data_hash", "torch", "timm", "device"):
+    for tag in ("table", "variant", "seed", "role", "git_commit", "git_dirty", "data_hash", "torch", "timm", "device"):
         assert tag in run.data.tags, tag
-    assert run.data.tags["table"] == "T1" and run.data.tags["variant"] == "learns"
+    assert run.data.tags["table"] == "T1" and run.data.tags["variant"] == "learns" and run.data.tags["seed"] == "0"
     history = MlflowClient(mlflow_store).get_metric_history(metrics["run_id"], "test/top1")
     assert [m.step for m in history] == [1, 2, 3]
     for key in ("train/ce", "lr", "train/top1", "test/top5", "epoch_time_s", "train/images_per_s"):
@@ -155,3 +155,67 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path)
     for term in ("train/kd_soft", "train/mi_in", "train/mi_out", "train/mi_rel"):
         assert first[term] > 0, term
     assert "train/mi_rel" not in second and "train/mi_in" not in second  # windows closed in epoch 2
+
+
+def _train_logged(cfg, out, capsys):
+    metrics = train(cfg, out, experiment="test-identity", progress=False)
+    return metrics, capsys.readouterr().out
+
+
+def test_a_changed_input_restarts_the_run_instead_of_resuming(tmp_path, capsys):
+    """Issue 11: re-prepared data at the same path, a retrained teacher, or a changed config each start the run
+    over and say which input changed; the same inputs resume (here: a finished run, nothing left to train)."""
+    from pipeline.data import prepare
+
+    data = tmp_path / "data"
+    prepare("fashion-mnist", data, train_subset=200, test_subset=100)
+    teacher = tiny_config(data, name="teacher", role="teacher", model="poolformer_nano", data__batch_size=40)
+    student = tiny_config(data, name="student", model="riformer_nano", data__batch_size=40,
+                          kd={"type": "soft", "teacher": str(tmp_path / "teacher" / "model.pt")})
+    _train_logged(teacher, tmp_path / "teacher", capsys)
+    first, _ = _train_logged(student, tmp_path / "student", capsys)
+    again, out = _train_logged(student, tmp_path / "student", capsys)
+    assert "resuming after epoch 1 of 1" in out and again["test_top1"] == first["test_top1"]
+
+    # the teacher is retrained (another learning rate): its file changes, so its student starts over
+    _train_logged(tiny_config(data, name="teacher", role="teacher", model="poolformer_nano", data__batch_size=40,
+                              optim__lr=5e-4), tmp_path / "teacher", capsys)
+    _, out = _train_logged(student, tmp_path / "student", capsys)
+    assert "not resuming" in out and "kd.teacher file" in out and "resuming after" not in out
+
+    # the data is prepared again at the same path with more images: the run starts over on the new data
+    prepare("fashion-mnist", data, train_subset=400, test_subset=300)
+    plain = tiny_config(data, name="plain", data__batch_size=40)
+    _train_logged(plain, tmp_path / "plain", capsys)  # trained on the new data
+    prepare("fashion-mnist", data, train_subset=200, test_subset=100)
+    metrics, out = _train_logged(plain, tmp_path / "plain", capsys)
+    assert "not resuming" in out and "prepared data" in out and "resuming after" not in out
+    saved = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    assert saved["identity"]["data"] == metrics["data_hash"][:16] == json.loads(
+        (data / "meta.json").read_text())["data_hash"][:16]
+    assert "run_id" not in saved  # a model's bytes depend on its weights, not on the MLflow store
+
+
+def test_other_classes_or_channels_at_the_same_path_restart_or_fail_clearly(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.data import prepare
+
+    data = tmp_path / "data"
+    prepare("fashion-mnist", data, train_subset=100, test_subset=50)  # 10 classes, 1 channel
+    teacher = tiny_config(data, name="teacher", role="teacher", model="poolformer_nano", data__batch_size=25)
+    _train_logged(teacher, tmp_path / "teacher", capsys)
+    _train_logged(tiny_config(data, name="run", data__batch_size=25), tmp_path / "run", capsys)
+    folder = tmp_path / "folder"  # the same path now holds a 2-class RGB image folder
+    for split in ("train", "val"):
+        for c, color in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), color).save(folder / split / c / f"{i}.png")
+    prepare("imagefolder", data, root=str(folder))
+    _, out = _train_logged(tiny_config(data, name="run", data__batch_size=4), tmp_path / "run", capsys)
+    assert "not resuming" in out and "prepared data" in out  # a fresh model of the new shape, no size mismatch
+    student = tiny_config(data, name="student", data__batch_size=4,
+                          kd={"type": "soft", "teacher": str(tmp_path / "teacher" / "model.pt")})
+    with pytest.raises(ValueError, match="trained with num_classes=10, but the prepared data .* has num_classes=2"):
+        train(student, tmp_path / "student", experiment="test-identity", progress=False)

@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(workflow.basedir).parent))
 
 from pipeline import tracking
 from pipeline.report import FIGURES
-from pipeline.study import STAGE_CODE, load_study
+from pipeline.identity import STAGE_CODE
+from pipeline.study import load_study
 
 PROFILE = config["profile"]
 STUDY = load_study(
@@ -27,8 +28,11 @@ wildcard_constraints:
 
 
 def run_config_json(wildcards):
-    """The resolved config of a run: Snakemake reruns a job whose params changed, and only that job."""
-    return json.dumps(STUDY.run_config(wildcards.run).to_dict(), sort_keys=True)
+    """The resolved config of a run: Snakemake reruns a job whose params changed, and only that job (which
+    tables show the run is not part of it)."""
+    config = STUDY.run_config(wildcards.run).to_dict()
+    config.pop("tables")
+    return json.dumps(config, sort_keys=True)
 
 
 def teacher_models(wildcards):

@@ -31,6 +31,7 @@ rule evaluate:
         data=f"{R}/data",
     output:
         evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
+        predictions=[str(STUDY.predictions_path(r)) for r in STUDY.runs],
         decisions=[str(STUDY.decisions_path(r)) for r in STUDY.runs if STUDY.is_adaptive(r)],
         benchmark=f"{R}/benchmark.json",
     conda:

@@ -1,5 +1,6 @@
-# The report: tables beside the paper's numbers, figures and guideline verdicts (reports/<profile>/).
-REPORT = f"reports/{PROFILE}"
+# The report: tables beside the paper's numbers, figures and guideline verdicts, in results/<profile>/report/.
+# `python -m pipeline publish` copies it to reports/<profile>/, the committed reference (never a target here).
+REPORT = str(STUDY.report_dir)
 TABLES = list(STUDY.tables) + ["F1"]
 REPORT_FILES = [f"{REPORT}/README.md", f"{REPORT}/summary.json"]
 
@@ -10,6 +11,7 @@ rule report:
         evals=[str(STUDY.eval_path(r)) for r in STUDY.runs],
         decisions=[str(STUDY.decisions_path(r)) for r in STUDY.runs if STUDY.is_adaptive(r)],
         histories=[str(STUDY.run_dir(r) / "history.json") for r in STUDY.runs],
+        predictions=[str(STUDY.predictions_path(r)) for r in STUDY.runs],
         benchmark=f"{R}/benchmark.json",
         latency=f"{R}/latency.json",
     output:
@@ -32,6 +34,6 @@ rule report:
         f"{LOGS}/report.log",
     params:
         profile=PROFILE,
-        tables=json.dumps(STUDY.tables, sort_keys=True),
+        tables=json.dumps([STUDY.tables, STUDY.guidelines, STUDY.settings["report"]], sort_keys=True),
     shell:
         "python -m pipeline report --profile {params.profile} > {log} 2>&1"

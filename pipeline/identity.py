@@ -1,0 +1,103 @@
+"""What a result is computed from: a training run's identity, and which of its inputs changed.
+
+A run's identity covers every input that changes its weights:
+- `config`: the resolved training config, without the paths of its inputs (their contents follow) and
+  without the keys that change only speed or bookkeeping (threads, eval_every, tables);
+- `data`: the prepared dataset's content hash (meta.json `data_hash`);
+- `inputs`: the sha256 of each checkpoint the run reads (kd.teacher, mi.teacher, partial_init, init);
+- `code`: the sha256 of the training stage's source files (STAGE_CODE["train"]);
+- `libraries`: the torch and timm versions.
+
+`train` resumes a checkpoint only when its recorded identity equals the current one, and otherwise starts
+over, naming what changed; `evaluate` and `report` refuse a result whose identity is not current. Paths
+are not part of the identity, so the same study in another folder (a DVC experiment's temporary copy) has
+the same identities.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pipeline.tracking import REPO_ROOT
+
+# The code each stage runs: a change to it reruns the stage in both drivers, and changes the identity of
+# every training run (train's files).
+_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py",
+           "pipeline/models/lightvit.py", "pipeline/models/adavit.py"]
+STAGE_CODE = {
+    "prepare-data": ["pipeline/data.py"],
+    "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py",
+              "pipeline/identity.py"] + _MODELS,
+    "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
+    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py"] + _MODELS,
+    "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
+    "report": ["pipeline/report.py", "pipeline/figures.py", "pipeline/stats.py", "params/paper_results.csv"],
+}
+# Config keys that are input files: the identity holds their contents' hash, not their path.
+INPUT_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
+# Config keys that change neither the weights nor the evaluation.
+SPEED_KEYS = ("threads", "eval_every", "tables")
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and modification time)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _file_hashes[key] = h.hexdigest()
+    return _file_hashes[key]
+
+
+def code_digest(stage: str = "train", root: Path = REPO_ROOT) -> str:
+    h = hashlib.sha256()
+    for rel in STAGE_CODE[stage]:
+        h.update(rel.encode() + b"\0" + bytes.fromhex(file_digest(root / rel)))
+    return h.hexdigest()
+
+
+def _short(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg, data_hash: str) -> dict:
+    """The identity of training `cfg` (a TrainConfig) on the prepared data whose hash is `data_hash`.
+
+    An input file that does not exist yet has identity None (a teacher not trained yet): such an identity
+    never equals that of a run trained from the file."""
+    import timm
+    import torch
+
+    config = cfg.to_dict()
+    for key in SPEED_KEYS:
+        config.pop(key, None)
+    config["data"].pop("path")
+    inputs = {}
+    for section, key in INPUT_KEYS:
+        node = config[section] if section else config
+        path = node.pop(key)
+        if path:
+            inputs[f"{section}.{key}" if section else key] = file_digest(path)[:16] if os.path.isfile(path) else None
+    return {"config": _short(config), "data": data_hash[:16], "inputs": inputs, "code": code_digest()[:16],
+            "libraries": f"torch {torch.__version__}, timm {timm.__version__}"}
+
+
+def identity_changes(recorded: dict | None, current: dict) -> list[str]:
+    """What differs between a recorded identity and the current one, in words ([] when they are equal)."""
+    if not recorded:
+        return ["no recorded identity (written by an older version of the pipeline)"]
+    names = {"config": "training config", "data": "prepared data", "code": "training code",
+             "libraries": "torch/timm versions"}
+    changes = [f"{names[k]} ({recorded.get(k)} -> {current[k]})" for k in names if recorded.get(k) != current[k]]
+    old, new = recorded.get("inputs", {}), current["inputs"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key} file ({old.get(key)} -> {new.get(key)})")
+    return changes

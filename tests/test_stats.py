@@ -1,0 +1,60 @@
+"""The report's intervals (pipeline/stats.py) against independent computations: scipy and Monte Carlo runs of
+the model they assume."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipeline.stats import mean_interval, median_interval, paired_table
+
+
+def test_one_seed_is_the_paired_t_interval_over_images():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(3000) < 0.74, rng.random(3000) < 0.72  # two runs' per-image correctness
+    iv = mean_interval(paired_table([{0: a}], [{0: b}]))
+    ci = stats.ttest_rel(a.astype(float), b.astype(float)).confidence_interval(0.95)
+    assert (iv.low, iv.high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert iv.seeds == 1 and iv.n == 3000 and "test images only" in iv.method
+
+
+def test_seeds_and_images_interval_has_its_coverage():
+    """x[s, i] = mu + a_s + b_i + e_si: the interval covers mu in 95% of simulated studies, and its variance is
+    the sampling variance of the mean (3 seeds, as the default profile)."""
+    rng = np.random.default_rng(1)
+    seeds, images, sd_seed, sd_image, sd_resid = 3, 1500, 0.006, 0.3, 0.25
+    truth = sd_seed**2 / seeds + sd_image**2 / images + sd_resid**2 / (seeds * images)
+    means, variances, covered = [], [], 0
+    for _ in range(2000):
+        x = (0.01 + rng.normal(0, sd_seed, (seeds, 1)) + rng.normal(0, sd_image, (1, images))
+             + rng.normal(0, sd_resid, (seeds, images)))
+        iv = mean_interval(x)
+        means.append(x.mean())
+        variances.append(iv.se**2)
+        covered += iv.contains(0.01)
+    assert np.var(means) == pytest.approx(truth, rel=0.1)
+    assert np.mean(variances) == pytest.approx(truth, rel=0.1)
+    assert 0.93 <= covered / 2000 <= 0.97
+
+
+def test_minimal_detectable_effect_is_found_with_its_power():
+    rng = np.random.default_rng(2)
+    mde = mean_interval(rng.normal(0, 1, 400)).mde
+    found = sum(mean_interval(rng.normal(mde, 1, 400)).low > 0 for _ in range(2000)) / 2000
+    assert found == pytest.approx(0.8, abs=0.03)
+
+
+@pytest.mark.parametrize("n", [6, 9, 20])
+def test_median_interval_is_scipys_order_statistic_interval(n):
+    x = np.random.default_rng(n).normal(100, 5, n)
+    ci = stats.quantile_test(x, q=np.median(x), p=0.5).confidence_interval(0.95)
+    iv = median_interval(x)
+    assert (iv.low, iv.high) == (ci.low, ci.high) and iv.mean == np.median(x)
+    assert iv.coverage >= 0.95
+    assert median_interval([1.0, 2.0]).coverage == 0.5  # too few rounds for 95%: said, not hidden
+
+
+def test_a_contrast_uses_the_seeds_all_its_variants_have():
+    ones, zeros = np.ones(4), np.zeros(4)
+    table = paired_table([{0: ones, 1: ones, 2: ones}], [{0: zeros}])  # a teacher is trained once: seed 0
+    assert table.shape == (1, 4) and table.sum() == 4
+    with pytest.raises(ValueError, match="share no seed"):
+        paired_table([{1: ones}], [{0: zeros}])
