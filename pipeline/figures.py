@@ -161,10 +161,12 @@ def ablation_bars(tables, folder: Path) -> str:
 
 
 def training_curves(study, results, folder: Path) -> str:
-    """Test accuracy and each loss term against the epoch, for the module-imitation runs."""
+    """Training top-1 (test top-1 where training measured it) and each loss term against the epoch, for the
+    module-imitation runs of the first seed."""
     from pipeline.io import read_json
 
-    runs = [r for r in study.runs if study.run_config(r).mi.teacher and (study.run_dir(r) / "history.json").exists()]
+    runs = [v for v in study.variants
+            if study.run_config(v).mi.teacher and (study.run_dir(v) / "history.json").exists()]
     if not runs:
         return placeholder(folder, "training_curves", "training curves of the module-imitation runs")
     terms = ["train/ce", "train/kd_soft", "train/kd_hard", "train/mi_in", "train/mi_out", "train/mi_rel"]
@@ -173,12 +175,14 @@ def training_curves(study, results, folder: Path) -> str:
     for color, run in zip(palette, runs, strict=True):
         hist = read_json(study.run_dir(run) / "history.json")
         epochs = [h["epoch"] for h in hist]
-        ax_acc.plot(epochs, [h.get("test/top1", float("nan")) for h in hist], color=color, label=run, marker=".")
+        ax_acc.plot(epochs, [h["train/top1"] for h in hist], color=color, label=run, marker=".")
+        tested = [(h["epoch"], h["test/top1"]) for h in hist if "test/top1" in h]
+        ax_acc.scatter([e for e, _ in tested], [t for _, t in tested], color=color, marker="x", zorder=3)
         for style, term in zip(["-", "--", "-.", ":", (0, (1, 1)), (0, (3, 1, 1, 1))], terms, strict=True):
             values = [h.get(term, float("nan")) for h in hist]  # a term outside its window is not drawn
             if any(v == v for v in values):
                 ax_loss.plot(epochs, values, color=color, linestyle=style, lw=1)
-    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="module-imitation runs")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="module-imitation runs, first seed: training (line), test (x)")
     ax_acc.legend(fontsize=6)
     ax_loss.set(xlabel="epoch", ylabel="loss term (epoch mean, weighted)", yscale="log",
                 title="loss terms: - CE, -- KD soft, -. KD hard, : MI in, ... MI out, -.. MI rel")

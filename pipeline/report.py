@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import platform
 from dataclasses import dataclass, field
@@ -104,17 +105,17 @@ class Results:
 
     def correct(self, variant: str) -> dict[int, np.ndarray]:
         """Per seed, which test images the variant's deploy model classifies correctly (current results only)."""
-        out = {}
-        for seed, run in self.seed_runs(variant).items():
-            if run in self.evals:
-                pred, label = load_predictions(self.study.predictions_path(run))
-                if self._labels is None:
-                    self._labels = label
-                elif not np.array_equal(label, self._labels):
-                    raise ValueError(f"{self.study.predictions_path(run)}: evaluated on other test images than the "
-                                     f"other runs; rerun evaluate")
-                out[seed] = pred == label
-        return out
+        return {seed: self._correct(run) for seed, run in self.seed_runs(variant).items() if run in self.evals}
+
+    @functools.cache  # noqa: B019 (one Results per report)
+    def _correct(self, run: str) -> np.ndarray:
+        pred, label = load_predictions(self.study.predictions_path(run))
+        if self._labels is None:
+            self._labels = label
+        elif not np.array_equal(label, self._labels):
+            raise ValueError(f"{self.study.predictions_path(run)}: evaluated on other test images than the other "
+                             f"runs; rerun evaluate")
+        return pred == label
 
     def state(self, variant: str) -> str:
         runs = self.seed_runs(variant).values()
