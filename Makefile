@@ -61,8 +61,9 @@ dvc-repro: setup
 	dvc repro; status=$$?; python -m pipeline session end --profile $(PROFILE) \
 	  --status $$( [ $$status = 0 ] && echo FINISHED || echo FAILED ); exit $$status
 
-# The MLflow UI on the project's store: http://127.0.0.1:5000
+# The MLflow UI on the project's store; it prints the page of the study's runs (model-training view).
 ui: setup
+	@python -m pipeline session url --profile $(PROFILE)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Snakemake's HTML report of the last run (tables and figures of the report stage).

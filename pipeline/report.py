@@ -330,8 +330,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def mlflow_links(profile: str):
-    """A function run_id -> Markdown link into the MLflow UI (`make ui`)."""
-    base = "http://localhost:5000"
+    """A function run_id -> Markdown link to the run in the MLflow UI of this machine's store (`make ui`)."""
     exp_id = None
     try:
         mlflow = tracking.setup(tracking.experiment_name(profile))
@@ -343,7 +342,7 @@ def mlflow_links(profile: str):
     def link(run_id: str) -> str:
         if exp_id is None:
             return f"`{run_id[:8]}`"
-        return f"[{run_id[:8]}]({base}/#/experiments/{exp_id}/runs/{run_id})"
+        return f"[{run_id[:8]}]({tracking.ui_url(exp_id, run_id)})"
     return link
 
 

@@ -30,9 +30,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (an empty traces dashboard); tagged as
-# model training, it opens on the runs.
+# The study's experiments are model training, not GenAI: MLflow reads this tag to choose an experiment's view.
+# MLflow 3.17's UI follows its global "GenAI | Model training" switch instead (URL parameter `workflowType`,
+# else the browser's last choice, at first GenAI: an empty traces dashboard), so every link the pipeline
+# gives also carries `workflowType=machine_learning` (ui_url), which opens the runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI = "http://localhost:5000"  # `make ui`
+
+
+def ui_url(experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (its runs) or of one run, in the UI's model-training view."""
+    page = "" if experiment_id is None else f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{UI}/#/{page}?workflowType=machine_learning"
 
 
 def setup(experiment: str):
@@ -168,12 +177,16 @@ def log_dataset(mlflow, path: str | Path, name: str, digest: str, context: str, 
 def run(args) -> None:
     if args.action == "start":
         print(start_session(args.profile, args.driver))
-    else:
+    elif args.action == "end":
         end_session(args.profile, args.status)
+    else:
+        mlflow = setup(experiment_name(args.profile))
+        experiment = mlflow.get_experiment_by_name(experiment_name(args.profile))
+        print(f"MLflow UI of the {args.profile} study: {ui_url(experiment.experiment_id)}")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("action", choices=["start", "end"])
+    p.add_argument("action", choices=["start", "end", "url"], help="url: print the UI page of the study's runs")
     p.add_argument("--profile", default="default")
     p.add_argument("--driver", default="dvc", help="recorded as a tag of the parent run")
     p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])

@@ -158,14 +158,14 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
 
     # Retrained for real: the changed teacher's student starts over (it does not resume its finished checkpoint)
     set_params(ws, "params/smoke.yaml", lambda d: d["runs"].update(gfnet={"optim": {"lr": 1.0e-3}}))
-    sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke", str(study.model_path("identity-label-soft")))
+    sh(ws, "snakemake", "--cores", "2", str(study.model_path("identity-label-soft")), "--config", "profile=smoke")
     log = (ws / "logs/smoke/train/identity-label-soft.log").read_text()
     assert "not resuming" in log and "kd.teacher file" in log and "resuming after" not in log
     # and a changed dataset retrains every run, here one of them
     set_params(ws, "params/smoke.yaml", lambda d: d["data"].update(train_subset=320))
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
     assert jobs["prepare_data"] == 1 and jobs["train_student"] == len(study.student_runs)
-    sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke", str(study.model_path("pooling-ce")))
+    sh(ws, "snakemake", "--cores", "2", str(study.model_path("pooling-ce")), "--config", "profile=smoke")
     log = (ws / "logs/smoke/train/pooling-ce.log").read_text()
     assert "not resuming" in log and "prepared data" in log and "resuming after" not in log
 
