@@ -163,7 +163,7 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
 
 
 # model_kwargs that do not change the deploy architecture
-_NOT_ARCH = ("drop_path_rate", "affine_init", "drop_rate", "decision_bias")
+_NOT_ARCH = ("drop_path_rate", "affine_init", "drop_rate", "dropcls", "decision_bias")
 
 
 def architecture_label(model: str, kwargs: dict) -> str:

@@ -1,11 +1,14 @@
 """The resolved configuration of one training run: plain dataclasses, built from nested dicts.
 
-Every key has a default here; params/ profiles and variants override them. Unknown keys are errors,
-so a typo in params fails at once instead of being ignored.
+Every key has a default here; params/ profiles and variants override them. Unknown keys, values of the
+wrong type and values out of range are errors, all listed in one ConfigError, so a typo in params fails at
+once instead of being ignored or failing after an epoch.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,9 @@ class DataCfg:
     augment: bool = True                 # small data: random 2 px shift + flip; folders: timm's create_transform
     auto_augment: str | None = None      # e.g. rand-m9-mstd0.5-inc1 (image folders only)
     re_prob: float = 0.0                 # random erasing (image folders only)
+    re_mode: str = "pixel"               # random erasing fill: DeiT's recipe (timm's default is "const")
+    interpolation: str | None = None     # image folders: null = the model's own (pretrained_cfg, e.g. bicubic)
+    crop_pct: float | None = None        # image folders, evaluation: null = the model's own (e.g. 0.9)
     mixup: float = 0.0
     cutmix: float = 0.0
     workers: int = 0
@@ -40,7 +46,9 @@ class OptimCfg:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     label_smoothing: float = 0.1
-    grad_clip: float | None = None
+    grad_clip: float | None = None       # max gradient norm (null: none; mmpretrain's RIFormer configs: 5.0)
+    affine_weight_decay: bool = True     # the affine token mixer's scale s gets weight decay (timm's and
+                                         # mmpretrain's rule: a 4-D conv weight); false exempts it like norms
 
 
 @dataclass
@@ -106,77 +114,146 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+class ConfigError(ValueError):
+    """Every problem of one config; `problems` lists them one by one."""
+
+    def __init__(self, name: str, problems: list[str]):
+        super().__init__(f"invalid training config {name!r}:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+def _build(cls, values: dict, where: str, errors: list[str]):
+    """`cls` from a nested dict, each value checked against its field's type; problems go to `errors`."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+        errors.append(f"{where}: expected a mapping, got {type(values).__name__}")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+        errors.append(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif name == "betas":
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = _coerce(value, fields[name], f"{where}.{name}")
+        if name not in fields:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, f"{where}.{name}", errors)
+            continue
+        try:
+            kwargs[name] = _check_type(value, hints[name])
+        except TypeError as e:
+            errors.append(f"{where}.{name}: {e}")
     return cls(**kwargs)
 
 
-def _coerce(value, f: dataclasses.Field, where: str):
-    """Numbers given as strings (YAML 1.1 reads `3e-3` as a string) become numbers; other strings are errors."""
-    numeric = "float" in f.type or f.type.startswith("int")
-    if numeric and isinstance(value, str):
-        try:
-            return float(value) if "float" in f.type else int(value)
-        except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    if numeric and isinstance(value, bool):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+def _check_type(value, tp):
+    """`value` as type `tp`. Numbers given as strings (YAML 1.1 reads `3e-3` as a string) become numbers; a
+    boolean must be true or false (the string "false" is not); anything else of the wrong type is an error."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp) or tp
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {value!r}")
+        if tp is int:
+            if value != int(value):
+                raise TypeError(f"expected an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is not Ellipsis and len(value) != len(args):
+            raise TypeError(f"expected {len(args)} values, got {value!r}")
+        return origin(_check_type(v, args[0]) for v in value)
+    if not isinstance(value, origin):
+        raise TypeError(f"expected {origin.__name__}, got {value!r}")
     return value
 
 
 def config_from_dict(values: dict) -> TrainConfig:
-    cfg = _build(TrainConfig, values, "config")
-    validate(cfg)
+    """The run's config, every value checked; one ConfigError lists every problem."""
+    errors: list[str] = []
+    cfg = _build(TrainConfig, values, "config", errors)
+    if not errors:
+        errors = problems(cfg)
+    if errors:
+        raise ConfigError(values.get("name", "run") if isinstance(values, dict) else "run", errors)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
-    errors = []
-    if cfg.role not in ("teacher", "student"):
-        errors.append(f"role must be teacher or student, got {cfg.role!r}")
-    if cfg.optim.epochs < 1:
-        errors.append(f"optim.epochs must be >= 1, got {cfg.optim.epochs}")
-    if cfg.kd.type not in ("none", "hard", "soft"):
-        errors.append(f"kd.type must be none, hard or soft, got {cfg.kd.type!r}")
-    if cfg.kd.type != "none" and not cfg.kd.teacher:
-        errors.append(f"kd.type={cfg.kd.type} needs kd.teacher (a teacher checkpoint)")
-    if cfg.kd.type == "none" and not cfg.kd.labels:
-        errors.append("kd.labels=false with kd.type=none leaves no loss on the logits")
-    if not 0 <= cfg.kd.alpha <= 1 or cfg.kd.tau <= 0:
-        errors.append(f"kd.alpha must be in [0, 1] and kd.tau > 0, got {cfg.kd.alpha}, {cfg.kd.tau}")
-    mi_on = any(v > 0 for v in (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel))
-    if mi_on and not cfg.mi.teacher:
-        errors.append("module imitation (a lambda > 0) needs mi.teacher (a same-shape PoolFormer checkpoint)")
-    if not (0 <= cfg.mi.feat_frac <= 1 and 0 <= cfg.mi.rel_frac <= 1):
-        errors.append("mi.feat_frac and mi.rel_frac must be fractions of the run in [0, 1]")
-    if cfg.mi.layers not in (4, 6) and cfg.mi.blocks is None:
-        errors.append(f"mi.layers must be 4 or 6 (or give mi.blocks), got {cfg.mi.layers}")
-    for key in ("feature_reduction", "rel_reduction"):
-        if getattr(cfg.mi, key) not in ("mean", "sample_sum"):
-            errors.append(f"mi.{key} must be mean or sample_sum")
-    u = cfg.usage
-    if not all(0 <= t <= 1 for t in (u.head_target, u.block_target, u.patch_target)):
-        errors.append("usage targets must be kept fractions in [0, 1]")
-    if min(u.head_weight, u.block_weight, u.patch_weight) < 0:
-        errors.append("usage weights must be >= 0")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-    if errors:
-        raise ValueError(f"invalid training config {cfg.name!r}:\n  " + "\n  ".join(errors))
+def problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with a well-typed config: ranges and combinations."""
+    d, o, kd, mi, u = cfg.data, cfg.optim, cfg.kd, cfg.mi, cfg.usage
+    rules = [
+        (cfg.role in ("teacher", "student"), f"role must be teacher or student, got {cfg.role!r}"),
+        (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}"),
+        (cfg.eval_every >= 1, f"eval_every must be >= 1 (evaluate every N epochs), got {cfg.eval_every}"),
+        (d.img_size >= 1, f"data.img_size must be >= 1, got {d.img_size}"),
+        (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
+        (d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}"),
+        (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (0 <= d.re_prob <= 1, f"data.re_prob must be a probability in [0, 1], got {d.re_prob}"),
+        (d.re_mode in ("const", "rand", "pixel"), f"data.re_mode must be const, rand or pixel, got {d.re_mode!r}"),
+        (d.interpolation in (None, "bilinear", "bicubic", "nearest", "random"),
+         f"data.interpolation must be bilinear, bicubic, nearest, random or null, got {d.interpolation!r}"),
+        (d.crop_pct is None or 0 < d.crop_pct <= 1, f"data.crop_pct must be in (0, 1] or null, got {d.crop_pct}"),
+        (d.mixup >= 0 and d.cutmix >= 0, f"data.mixup and data.cutmix must be >= 0, got {d.mixup}, {d.cutmix}"),
+        (not (d.mixup > 0 or d.cutmix > 0) or d.batch_size % 2 == 0,
+         f"data.mixup / data.cutmix need an even data.batch_size (timm's Mixup pairs images), got {d.batch_size}"),
+        (all(n is None or n >= 1 for n in (d.train_limit, d.test_limit)),
+         f"data.train_limit and data.test_limit must be >= 1 or null, got {d.train_limit}, {d.test_limit}"),
+        (o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (o.min_lr >= 0 and o.warmup_lr >= 0, f"optim.min_lr and optim.warmup_lr must be >= 0, got {o.min_lr}, "
+                                             f"{o.warmup_lr}"),
+        (0 <= o.warmup_epochs < o.epochs,
+         f"optim.warmup_epochs must be in [0, epochs) = [0, {o.epochs}), got {o.warmup_epochs}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}"),
+        (o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {o.grad_clip}"),
+        (all(0 <= b < 1 for b in o.betas) and o.eps > 0, "optim.betas must be in [0, 1) and optim.eps > 0"),
+        (kd.type in ("none", "hard", "soft"), f"kd.type must be none, hard or soft, got {kd.type!r}"),
+        (kd.type == "none" or kd.teacher, f"kd.type={kd.type} needs kd.teacher (a teacher checkpoint)"),
+        (kd.type != "none" or not kd.teacher, f"kd.teacher {kd.teacher!r} is set but kd.type is none: it would "
+                                              f"be ignored"),
+        (kd.type != "none" or kd.labels, "kd.labels=false with kd.type=none leaves no loss on the logits"),
+        (0 <= kd.alpha <= 1 and kd.tau > 0, f"kd.alpha must be in [0, 1] and kd.tau > 0, got {kd.alpha}, {kd.tau}"),
+        (min(mi.lambda_in, mi.lambda_out, mi.lambda_rel) >= 0, "mi.lambda_* must be >= 0"),
+        (not mi.teacher or kd.type != "none",
+         "module imitation (mi.teacher) is defined on top of logit distillation (L = L_soft + lambda * L_MI, "
+         "riformer.md Sec. 3): set kd.type and kd.teacher"),
+        (not mi.teacher or mi.lambda_in + mi.lambda_out + mi.lambda_rel > 0,
+         f"mi.teacher {mi.teacher!r} is set but every mi.lambda_* is 0: it would be ignored"),
+        (mi.teacher or mi.lambda_in + mi.lambda_out + mi.lambda_rel == 0,
+         "module imitation (a lambda > 0) needs mi.teacher (a same-shape PoolFormer checkpoint)"),
+        (0 <= mi.feat_frac <= 1 and 0 <= mi.rel_frac <= 1,
+         "mi.feat_frac and mi.rel_frac must be fractions of the run in [0, 1]"),
+        (mi.layers in (4, 6) or mi.blocks is not None, f"mi.layers must be 4 or 6 (or give mi.blocks), got "
+                                                        f"{mi.layers}"),
+        (mi.feature_reduction in ("mean", "sample_sum") and mi.rel_reduction in ("mean", "sample_sum"),
+         "mi.feature_reduction and mi.rel_reduction must be mean or sample_sum"),
+        (all(0 <= t <= 1 for t in (u.head_target, u.block_target, u.patch_target)),
+         "usage targets must be kept fractions in [0, 1]"),
+        (min(u.head_weight, u.block_weight, u.patch_weight) >= 0, "usage weights must be >= 0"),
+    ]
+    return [message for ok, message in rules if not ok]
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

@@ -319,6 +319,14 @@ class TensorBatches:
             yield self._transform(self.images[idx], g), self.labels[idx]
 
 
+def model_transform(model: torch.nn.Module, interpolation: str | None = None, crop_pct: float | None = None) -> dict:
+    """The evaluation transform settings of an image-folder run: the model's own (timm's resolve_data_config
+    over its pretrained_cfg: interpolation, crop_pct, crop_mode) unless the data config sets them."""
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({"interpolation": interpolation, "crop_pct": crop_pct}, model=model)
+    return {k: cfg[k] for k in ("interpolation", "crop_pct", "crop_mode")}
+
+
 def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int, train: bool, seed: int = 0,
                  augment: bool = True, workers: int = 0, limit: int | None = None, transform_cfg: dict | None = None):
     """An iterable of (images, labels) batches over a prepared split, with `set_epoch(epoch)`."""

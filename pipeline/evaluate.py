@@ -56,7 +56,9 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
     prepared = load_prepared(study.data_dir)
     model = model_from_checkpoint(ckpt).eval()
     img_size = ckpt.get("config", {}).get("img_size", study.settings["train"]["data"]["img_size"])
-    loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False)
+    transform = ckpt.get("config", {}).get("transform")  # image folders: the model's own eval transform
+    loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False,
+                          transform_cfg=transform)
     from pipeline.train import evaluate
     acc = evaluate(model, loader, torch.device("cpu"), nullcontext)
     save_predictions(study.predictions_path(run), acc["pred"], acc["label"])
@@ -76,7 +78,7 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
         ada = evaluate_adaptive(model, loader)
         result.update(ada, macs=ada["expected_macs"]["mean"], macs_masked_path=result["macs"])
         n = study.settings["evaluate"]["decision_examples"]
-        images, labels = next(iter(build_loader(prepared, "test", n, img_size, train=False)))
+        images, labels = next(iter(build_loader(prepared, "test", n, img_size, train=False, transform_cfg=transform)))
         write_json(study.decisions_path(run), decision_examples(model, images, labels,
                                                                 model.patch_embed.patch_size[0]))
         mlflow.log_metrics({f"expected_macs/{run}": result["macs"], f"fast_path_top1/{run}": ada["fast_path"]["top1"]})

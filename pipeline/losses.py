@@ -149,8 +149,14 @@ class ModuleImitation:
 
 
 class UsageLoss(nn.Module):
-    """AdaViT: w_h |mean(head) - t_h| + w_b |mean(block) - t_b| + w_p (mean(patch) - t_p)^2, where each mean is
-    the kept fraction over the batch, the blocks and the units (lightvit_adavit.md; weights 2, targets 0.5)."""
+    """AdaViT's usage loss, the reference's AdaLoss (models/losses.py) with ada_main.py's defaults (weights 2,
+    targets 0.5; its diversity, entropy and minimal-usage terms have weight 0 there and are not implemented):
+
+        w_h |head - t_h| + w_b |mean(block) - t_b| + w_p (token - t_p)^2
+
+    head: the kept fraction of heads over the (sample, block) pairs where the block runs, i.e. its attention or
+    MLP gate is on, as sum / (count + 1e-6); token: the kept fraction of tokens over samples, blocks and tokens,
+    the always-kept class token counted in; block: over samples, blocks and both gates."""
 
     def __init__(self, cfg):
         """`cfg`: the training config's `usage` section (pipeline/config.py:UsageCfg)."""
@@ -159,10 +165,16 @@ class UsageLoss(nn.Module):
         self.weights = {k: getattr(cfg, f"{k}_weight") for k in ("head", "block", "patch")}
 
     def forward(self, decisions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`decisions`: AdaViT.decisions, patch [B, depth, N-1], head [B, depth-1, H], block [B, depth-1, 2]."""
+        head, block, patch = decisions["head"], decisions["block"], decisions["patch"]
         terms = {}
-        for kind in ("head", "block"):
-            if self.weights[kind] > 0:
-                terms[f"usage_{kind}"] = self.weights[kind] * (decisions[kind].mean() - self.targets[kind]).abs()
+        if self.weights["head"] > 0:
+            runs = (block.detach().sum(-1, keepdim=True) > 0).to(head.dtype).expand_as(head)
+            kept = (head * runs).sum() / (runs.sum() + 1e-6)
+            terms["usage_head"] = self.weights["head"] * (kept - self.targets["head"]).abs()
+        if self.weights["block"] > 0:
+            terms["usage_block"] = self.weights["block"] * (block.mean() - self.targets["block"]).abs()
         if self.weights["patch"] > 0:
-            terms["usage_patch"] = self.weights["patch"] * (decisions["patch"].mean() - self.targets["patch"]) ** 2
+            tokens = torch.cat([patch.new_ones(*patch.shape[:2], 1), patch], dim=-1)
+            terms["usage_patch"] = self.weights["patch"] * (tokens.mean() - self.targets["patch"]) ** 2
         return terms

@@ -49,7 +49,8 @@ def reparameterize_file(checkpoint, data, out, report, num_images=512, batch_siz
     model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
     prepared = load_prepared(data)
     img_size = ckpt.get("config", {}).get("img_size", img_size)
-    batches = build_loader(prepared, "test", batch_size, img_size, train=False, limit=num_images)
+    batches = build_loader(prepared, "test", batch_size, img_size, train=False, limit=num_images,
+                           transform_cfg=ckpt.get("config", {}).get("transform"))
     result = max_logit_difference(model, deploy, batches)
     result.update(checkpoint=str(checkpoint), model=ckpt["model"], params_train=count_params(model),
                   params_deploy=count_params(deploy), data_hash=prepared.data_hash,

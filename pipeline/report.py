@@ -387,7 +387,7 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
                "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
                "stale": sorted(results.stale)}
     write_json(out / "summary.json", summary)
-    md_tables.append(adaptive_markdown(adaptive))
+    md_tables += [adaptive_markdown(adaptive), loss_terms_markdown(study, results)]
     _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s))
     return {**summary, "tables": tables}
 
@@ -459,6 +459,36 @@ def adaptive_markdown(adaptive: dict) -> str:
             lead = first if i == 0 else "| | | | | | |"
             lines.append(f"{lead} {setting.replace('_', ' ')} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
+
+
+LOSS_TERMS = {"ce": "CE", "kd": "KD", "mi_in": "L'_in", "mi_out": "L_out", "mi_rel": "L_rel",
+              "usage_head": "usage (heads)", "usage_block": "usage (blocks)", "usage_patch": "usage (patches)"}
+
+
+def loss_terms_markdown(study: Study, results: Results) -> str:
+    """Which loss term dominates: each weighted term's mean over the first epoch's steps (every imitation window
+    is open then) for the runs of the first seed that combine terms."""
+    lines = ["### Loss terms: the weighted magnitude of each term", "",
+             "Mean over the first epoch's optimizer steps of each term as it enters the loss (weights applied), "
+             "with its share of the total, first seed. KD is DeiT's soft term (summed KL ÷ numel of the logits, "
+             "× τ²), so it is per logit; the imitation terms are squared errors summed over C·H·W and the chosen "
+             "blocks and averaged over the batch (`mi.feature_reduction: sample_sum`; L_rel: `mi.rel_reduction`), "
+             "then × λ. A term whose window closes within the epoch counts 0 on the steps after it.", "",
+             "| run | " + " | ".join(LOSS_TERMS.values()) + " |", "|---|" + "---|" * len(LOSS_TERMS)]
+    first_seed = study.settings["seeds"][0]
+    shown = 0
+    for run in study.runs:
+        if study.run_specs[run][2] != first_seed or run not in results.evals:
+            continue
+        history = _maybe_json(study.run_dir(run) / "history.json") or []
+        terms = {k: history[0][f"train/{k}"] for k in LOSS_TERMS if history and f"train/{k}" in history[0]}
+        if len(terms) < 2:
+            continue
+        total = sum(terms.values()) or 1.0
+        cells = [f"{terms[k]:.3g} ({100 * terms[k] / total:.0f}%)" if k in terms else "" for k in LOSS_TERMS]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        shown += 1
+    return "\n".join(lines if shown else lines[:2] + [f"{MISSING} (no run combines loss terms yet)"]) + "\n"
 
 
 def _ratio(r: dict | None) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from pipeline.config import TrainConfig, config_from_dict
+from pipeline.config import ConfigError, TrainConfig, config_from_dict
 from pipeline.identity import INPUT_KEYS, run_identity
 from pipeline.tracking import REPO_ROOT
 
@@ -294,12 +294,17 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
                         errors.append(f"{where}: cell {ref!r} has no run of ours")
                 except StudyError as e:
                     errors.append(f"{where}: {e}")
-    if not errors:
-        for run in study.runs:  # every run's training config must build (keys, values, references)
+    if not errors:  # every run's training config must build (keys, values, references); one line per problem
+        runs_of: dict[str, list[str]] = {}
+        for run in study.runs:
             try:
                 study.run_config(run)
-            except ValueError as e:
-                errors.append(f"run {run}: {e}")
+            except ConfigError as e:
+                for problem in e.problems:
+                    runs_of.setdefault(problem, []).append(run)
+        for problem, runs in runs_of.items():
+            errors.append(f"{problem} (run{'s' if len(runs) > 1 else ''} {', '.join(runs[:4])}"
+                          f"{f' and {len(runs) - 4} more' if len(runs) > 4 else ''})")
     data = study.settings["data"]
     if check_data:
         if data["source"] == "imagefolder" and not (data.get("root") and Path(data["root"]).is_dir()):

@@ -29,14 +29,14 @@ import torch.nn as nn
 import yaml
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.config import TrainConfig, apply_overrides, config_from_dict
-from pipeline.data import Prepared, build_loader, load_prepared
+from pipeline.data import Prepared, build_loader, load_prepared, model_transform
 from pipeline.identity import identity_changes, run_identity
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss
@@ -205,6 +205,15 @@ class Objective:
         return logits, terms
 
 
+def optimizer_params(model: nn.Module, o) -> nn.Module | list[dict]:
+    """timm's weight-decay groups (no decay on norms, biases, 1-D parameters and the model's no_weight_decay());
+    with optim.affine_weight_decay false, the affine token mixer's scale joins the no-decay group."""
+    if o.affine_weight_decay or not o.weight_decay:
+        return model
+    skip = set(getattr(model, "no_weight_decay", set)()) | {"*token_mixer.affine.weight"}
+    return param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=skip)
+
+
 def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, objective: Objective, optimizer,
                     scheduler, device: torch.device, autocast, progress: bool) -> dict:
     """One pass over the training set; returns the epoch's row of the history (means over the steps)."""
@@ -299,17 +308,19 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
 
     # data, optimiser, schedule, losses
     d, o = cfg.data, cfg.optim
-    transform_cfg = {"augment": d.augment, "auto_augment": d.auto_augment, "re_prob": d.re_prob}
+    eval_transform = model_transform(model, d.interpolation, d.crop_pct)  # image folders only
     train_loader = build_loader(prepared, "train", d.batch_size, d.img_size, train=True, seed=cfg.seed,
                                 augment=d.augment, workers=d.workers, limit=d.train_limit,
-                                transform_cfg=transform_cfg)
+                                transform_cfg={"augment": d.augment, "auto_augment": d.auto_augment,
+                                               "re_prob": d.re_prob, "re_mode": d.re_mode,
+                                               "interpolation": eval_transform["interpolation"]})
     test_loader = build_loader(prepared, "test", d.eval_batch_size, d.img_size, train=False, workers=d.workers,
-                               limit=d.test_limit)
+                               limit=d.test_limit, transform_cfg=eval_transform)
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.name}: no full training batch: batch_size {d.batch_size} is larger than the "
                          f"training set")
-    optimizer = create_optimizer_v2(model, "adamw", lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                                    eps=o.eps)
+    optimizer = create_optimizer_v2(optimizer_params(model, o), "adamw", lr=o.lr, weight_decay=o.weight_decay,
+                                    betas=o.betas, eps=o.eps)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=o.epochs, min_lr=o.min_lr,
                                        warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=len(train_loader))
@@ -350,7 +361,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
 
     # one checkpoint schema (pipeline.io): model.pt is checkpoint.pt without the training state (which includes
     # the MLflow run to continue: a model's bytes, and so its students' identities, depend on its weights only)
-    record = {"model": cfg.model, "model_kwargs": kwargs, "config": {"img_size": d.img_size}, "identity": identity}
+    record = {"model": cfg.model, "model_kwargs": kwargs, "identity": identity,
+              "config": {"img_size": d.img_size, "transform": eval_transform}}
     wall_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, o.epochs):

@@ -117,6 +117,30 @@ def test_imagefolder_index_and_loader(tmp_path):
     assert x.shape == (2, 3, 32, 32)
 
 
+def test_imagefolder_eval_transform_is_the_models_own(tmp_path):
+    """timm's resolve_data_config over the model's pretrained_cfg (bicubic, crop 0.9; M36 0.95), unless the data
+    config sets a value; the test loader applies exactly that transform."""
+    import timm
+    from timm.data import create_transform
+
+    import pipeline.models  # noqa: F401
+    from pipeline.data import model_transform
+
+    assert model_transform(timm.create_model("riformer_s12")) == {"interpolation": "bicubic", "crop_pct": 0.9,
+                                                                   "crop_mode": "center"}
+    assert model_transform(timm.create_model("riformer_m36"))["crop_pct"] == 0.95
+    assert model_transform(timm.create_model("riformer_s12"), "bilinear", 0.8)[
+        "interpolation"] == "bilinear"
+    root = make_imagefolder(tmp_path / "imgs", per_class=1)
+    prepare("imagefolder", tmp_path / "out", root=str(root))
+    prepared = load_prepared(tmp_path / "out")
+    cfg = model_transform(timm.create_model("riformer_s12"))
+    x, _ = next(iter(build_loader(prepared, "test", 1, 32, train=False, transform_cfg=cfg)))
+    with Image.open(root / "val" / "cat" / "0.jpg") as im:
+        expected = create_transform(32, mean=prepared.meta["mean"], std=prepared.meta["std"], **cfg)(im.convert("RGB"))
+    assert torch.equal(x[0], expected)
+
+
 def test_imagefolder_empty_class_folder(tmp_path):
     root = make_imagefolder(tmp_path / "imgs")
     for f in (root / "val" / "dog").iterdir():

@@ -61,9 +61,10 @@ def test_affine_initialisation_choice():
         if isinstance(m, Affine):
             assert torch.equal(m.affine.weight, torch.ones_like(m.affine.weight))
             assert torch.equal(m.affine.bias, torch.zeros_like(m.affine.bias))
-    timm_init = timm.create_model("riformer_nano", affine_init="timm")
-    weights = torch.cat([m.affine.weight.flatten() for m in timm_init.modules() if isinstance(m, Affine)])
-    assert weights.abs().max() < 0.1  # truncated normal, std .02
+    official = timm.create_model("riformer_nano", affine_init="trunc_normal")  # mmpretrain's TruncNormal(.02)
+    weights = torch.cat([m.affine.weight.flatten() for m in official.modules() if isinstance(m, Affine)])
+    biases = torch.cat([m.affine.bias for m in official.modules() if isinstance(m, Affine)])
+    assert weights.abs().max() < 0.1 and 0.01 < weights.std() < 0.03 and not biases.any()
 
 
 @pytest.mark.parametrize("name", ["riformer_nano", "poolformer_nano"])

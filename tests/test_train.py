@@ -219,3 +219,23 @@ def test_other_classes_or_channels_at_the_same_path_restart_or_fail_clearly(tmp_
                           kd={"type": "soft", "teacher": str(tmp_path / "teacher" / "model.pt")})
     with pytest.raises(ValueError, match="trained with num_classes=10, but the prepared data .* has num_classes=2"):
         train(student, tmp_path / "student", experiment="test-identity", progress=False)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_affine_weight_decay_policy(decay):
+    """optim.affine_weight_decay: the affine's scale is decayed like a conv weight (timm's and mmpretrain's rule) or
+    exempted like a norm; biases and norms are never decayed."""
+    import timm
+
+    from pipeline.config import OptimCfg
+    from pipeline.train import optimizer_params
+
+    model = timm.create_model("riformer_nano")
+    params = optimizer_params(model, OptimCfg(weight_decay=0.05, affine_weight_decay=decay))
+    groups = params if isinstance(params, list) else timm.optim.param_groups_weight_decay(model, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    named = dict(model.named_parameters())
+    affine = [n for n in named if n.endswith("token_mixer.affine.weight")]
+    assert len(affine) == 12 and all((id(named[n]) in decayed) == decay for n in affine)
+    assert id(named["stages.0.blocks.0.mlp.fc1.weight"]) in decayed
+    assert id(named["stages.0.blocks.0.norm1.weight"]) not in decayed

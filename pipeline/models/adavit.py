@@ -1,42 +1,61 @@
 """AdaViT (Meng et al., CVPR 2022, arXiv 2111.15668): per-input patch, head and block skipping on a DeiT.
 
-Written against the paper and the authors' code (MengLcool/AdaViT, models/ada_transformer_block.py); the
-backbone is timm's VisionTransformer with the parameter names of timm's DeiT, so a dense DeiT checkpoint of
-the same shape initialises it (only the decision heads are new, see `checkpoint_filter_fn`).
+Written against the paper and the authors' code (MengLcool/AdaViT at 9857f92: models/ada_transformer_block.py,
+models/ada_t2t_vit.py, models/losses.py, ada_main.py) as its Ada-DeiT-S runs: `--ada-head --ada-layer
+--ada-token-with-mlp`, everything else at ada_main.py's defaults. The backbone is timm's VisionTransformer with
+the parameter names of timm's DeiT, so a dense DeiT checkpoint of the same shape initialises it, and the
+reference's own checkpoints load too (`checkpoint_filter_fn`).
 
 Decisions, made again in every block from that block's input (a patch dropped in one block can come back):
-* patches: Linear(C -> 1) on each normed patch token (norm1's output), in every block; CLS is always kept;
-* heads: Linear(C -> H) on the CLS token of the block input, from the second block on;
-* blocks: Linear(C -> 2) on the CLS token, from the second block on: one gate for the attention branch,
-  one for the MLP branch.
+* blocks: Linear(C -> 2) on the CLS token of the block input, from the second block on: one gate for the
+  attention branch, one for the MLP branch;
+* heads: Linear(C -> H) on the same CLS token, from the second block on;
+* patches: Linear(C -> 1) on each normed patch token (norm1's output), in every block; CLS is always kept.
 Training samples a binary Gumbel-sigmoid, sigmoid((logit + g1 - g2) / tau), tau = 5, and takes the hard
 value (> threshold) with a straight-through gradient; evaluation thresholds sigmoid(logit). Thresholds: 0.5
-for heads and blocks, 0.6 for patches (the reference's defaults).
+for heads and blocks, 0.6 for patches. The noise is drawn in the reference's order (block, head, patch).
 
-Two inference paths that give the same outputs for the same decisions (tests/test_adavit.py):
-* masked (`forward`, also the training path): what the reference does. A dropped head has its q, k, v
-  zeroed; dropped patches are masked out of the keys (-inf before the softmax; a dropped query keeps its own
-  key) and their attention and MLP outputs are multiplied by 0, so they ride the residual unchanged; a gated
-  branch is multiplied by its gate. Nothing is removed, so it is slower than the dense model.
-* fast (`forward_fast`, eval only): the work really is skipped. Per block, the samples whose attention
-  (MLP) gate is on are gathered; their kept patches (plus CLS) are gathered, padded to the largest kept
-  count among them with masked keys; the q/k/v rows and projection columns of the heads any of them keeps
-  are sliced out of the weights (a sample's other heads are zeroed); the outputs are scattered back. At
-  batch 1 there is no padding and the slicing is exact; a batch of inputs with similar kept counts wastes
-  little on padding.
+What the decisions do, as the reference computes it (the masked path, `forward`, also the training path):
+* a dropped head has its q, k, v zeroed and its d channels of the projection input zeroed; its d channels of
+  the token are also zeroed at the MLP's input (the reference's "width select": fc1 reads only the kept heads'
+  channels of norm2's output; fc1's hidden width and fc2 are not reduced);
+* dropped patches are masked out of the keys (-inf before the softmax; a dropped query keeps its own key; this
+  mask is detached) and their attention and MLP outputs are multiplied by the patch decision (the patch heads'
+  gradient), so they ride the residual unchanged;
+* the block gates multiply the attention and MLP branches; gated blocks have no drop path (block 0 keeps its).
+Nothing is removed, so it is slower than the dense model.
 
-Choices where the paper and code leave room (each a constructor argument):
-* `token_mlp=True`: patch decisions gate the MLP too (the reference's `ada_token_with_mlp`, used for its
-  DeiT-S), so that a dropped patch costs nothing in the block;
-* head decisions act on the attention only (q, k, v and the projection input), not on the MLP's channels;
-* block 0 keeps its drop path; gated blocks have none (as the reference).
+Fast path (`forward_fast`, eval only): the same outputs for the same decisions (tests/test_adavit.py), with the
+work really skipped. Per block, the samples whose attention (MLP) gate is on are gathered; their kept patches
+(plus CLS) are gathered, padded to the largest kept count among them with masked keys; the q/k/v rows, the
+projection columns and the fc1 columns of the heads any of them keeps are sliced out of the weights (a sample's
+other heads are zeroed); the outputs are scattered back. At batch 1 there is no padding and the slicing is
+exact; a batch of inputs with similar kept counts wastes little on padding.
 
-Usage loss (pipeline/losses.py:UsageLoss): 2 |mean(head) - t_h| + 2 |mean(block) - t_b| + 2 (mean(patch) -
-t_p)^2, targets 0.5; the reference's optional diversity/entropy terms are not implemented.
+Constructor arguments; each default is the reference's (another value is a deviation from it):
+* `token_mlp=True`: patch decisions gate the MLP too (`--ada-token-with-mlp`);
+* `detach_mlp_patch_gate=False`: the MLP's patch gate passes gradient to the patch heads (the reference's
+  `--ada-token-detach-attn-at-mlp`, off by default; only the attention mask is detached);
+* `train_pos_embed=False`: the position embedding is fixed (`requires_grad=False`): the sinusoid table of
+  T2T-ViT until a checkpoint overwrites it (the reference's Ada-DeiT-S keeps its dense DeiT's, frozen);
+* `decision_bias=0.0`: the decision heads' initial bias (the reference inits every Linear with bias 0, so
+  evaluation at first drops every patch: sigmoid(0) < 0.6; a positive bias starts from "keep everything");
+* `tau`, `head_threshold`, `block_threshold`, `patch_threshold`: as above.
+
+Usage loss (pipeline/losses.py:UsageLoss, the reference's AdaLoss with ada_main.py's defaults).
 
 Expected MACs (`expected_macs`): per input from its decisions, counted exactly as the project's common
 counter counts the fast path for that input (tested against FlopCounterMode), averaged over the test set
 by the evaluate stage, the way the paper reports them.
+
+Checkpoints (`checkpoint_filter_fn`, timm's pretrained route, e.g. `timm.create_model('ada_deit_small',
+pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`): our own; a dense DeiT / ViT of the same shape (no
+decision key at all: the decision heads keep their fresh init); or the reference's (module.-prefixed keys under
+state_dict_ema / state_dict / model; attn.query/key/value, attn.token_select.mlp_head, head_select.mlp_head and
+layer_select.mlp_head). Any other missing or unexpected key is a ValueError, never a partial load.
+
+Backbone API: `forward_intermediates` (so `features_only=True` works, through timm's FeatureGetterNet) and
+`set_grad_checkpointing` (timm's), both on the masked path.
 
 `deit_nano` / `ada_deit_nano`: for 32x32 single-channel inputs (Fashion-MNIST padded to 32): patch 4 (an 8x8
 grid, 64 patches + CLS), DeiT-Ti's width divided by 4 with its 3 heads (dim 48, head dim 16), half its
@@ -53,11 +72,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter_fn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["AdaViT", "AdaBlock", "gumbel_sigmoid"]
+from ._checkpoint import check_fits
+
+__all__ = ["AdaViT", "AdaBlock", "gumbel_sigmoid", "sinusoid_table"]
 
 DECISIONS = ("patch", "head", "block")
 
@@ -78,6 +101,15 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, threshold: float, training:
     return hard - soft.detach() + soft
 
 
+def sinusoid_table(n: int, dim: int, device=None) -> torch.Tensor:
+    """[1, n, dim]: position p, channel j -> sin (j even) or cos (j odd) of p / 10000^(2 floor(j / 2) / dim),
+    the fixed position embedding of T2T-ViT that the reference's model starts from."""
+    pos = torch.arange(n, dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(dim, dtype=torch.float64, device=device)
+    angle = pos / 10000 ** (2 * (j // 2) / dim)
+    return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()[None]
+
+
 class AdaBlock(nn.Module):
     """A DeiT block (timm's parameter names) with decision heads; `depth` is its index in the network."""
 
@@ -85,10 +117,10 @@ class AdaBlock(nn.Module):
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  norm_layer=nn.LayerNorm, act_layer=nn.GELU, depth: int = 0, tau: float = 5.0,
                  head_threshold: float = 0.5, block_threshold: float = 0.5, patch_threshold: float = 0.6,
-                 keep_layers: int = 1, token_mlp: bool = True, **_):
+                 keep_layers: int = 1, token_mlp: bool = True, detach_mlp_patch_gate: bool = False, **_):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.tau, self.token_mlp = tau, token_mlp
+        self.tau, self.token_mlp, self.detach_mlp_patch_gate = tau, token_mlp, detach_mlp_patch_gate
         self.thresholds = {"head": head_threshold, "block": block_threshold, "patch": patch_threshold}
         self.norm1 = norm_layer(dim)
         self.attn = nn.Module()
@@ -107,11 +139,11 @@ class AdaBlock(nn.Module):
         return gumbel_sigmoid(logits, self.tau, self.thresholds[kind], self.training)
 
     def decide(self, x: torch.Tensor, normed: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Head [B, H] and block [B, 2] decisions from the CLS token; patch [B, N-1] from the normed patches."""
+        """Block [B, 2] and head [B, H] decisions from the CLS token; patch [B, N-1] from the normed patches."""
         out = {}
         if self.adaptive:
-            out["head"] = self._decide("head", self.head_select(x[:, 0]))
             out["block"] = self._decide("block", self.block_select(x[:, 0]))
+            out["head"] = self._decide("head", self.head_select(x[:, 0]))
         if normed is not None:
             out["patch"] = self._decide("patch", self.patch_select(normed[:, 1:]).squeeze(-1))
         return out
@@ -119,25 +151,31 @@ class AdaBlock(nn.Module):
     # ------------------------------------------------------------------------------------- masked path
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, N, C = x.shape
+        H, d = self.num_heads, self.head_dim
         h = self.norm1(x)
         dec = self.decide(x, h)
         keep = torch.cat([dec["patch"].new_ones(B, 1), dec["patch"]], dim=1)  # [B, N], CLS kept
-        H, d = self.num_heads, self.head_dim
         q, k, v = self.attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        width = None  # [B, 1, C]: the channels of the kept heads
         if "head" in dec:
             m = dec["head"][:, :, None, None]
             q, k, v = q * m, k * m, v * m
+            width = dec["head"].repeat_interleave(d, dim=1)[:, None]
         policy = keep.detach() > 0
         allowed = (policy[:, None, :, None] & policy[:, None, None, :]) | torch.eye(N, dtype=torch.bool,
                                                                                       device=x.device)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        a = self.proj_drop(self.attn.proj(a.transpose(1, 2).reshape(B, N, C))) * keep[..., None]
-        gate = dec["block"] if "block" in dec else None
+        a = a.transpose(1, 2).reshape(B, N, C)
+        if width is not None:  # already 0 there; the reference masks the projection input too (its gradient)
+            a = a * width
+        a = self.proj_drop(self.attn.proj(a)) * keep[..., None]
+        gate = dec.get("block")
         x = x + (a * gate[:, 0, None, None] if gate is not None else self.drop_path(a))
-        m = self.mlp(self.norm2(x))
+        h = self.norm2(x)
+        m = self.mlp(h * width if width is not None else h)
         if self.token_mlp:
-            m = m * keep.detach()[..., None]  # the reference detaches the patch decision here
+            m = m * (keep.detach() if self.detach_mlp_patch_gate else keep)[..., None]
         x = x + (m * gate[:, 1, None, None] if gate is not None else self.drop_path(m))
         return x, dec
 
@@ -163,18 +201,17 @@ class AdaBlock(nn.Module):
         x = x.clone()
         rows = gate[:, 0].nonzero().squeeze(1)
         if len(rows):
-            heads = dec["head"][rows].bool() if "head" in dec else None
-            used = None if heads is None or heads.all() else heads.any(0).nonzero().squeeze(1)
-            out = self._attention(_take(h[rows], idx[rows]), used, valid[rows],
-                                  heads[:, used] if used is not None else None)
+            used, mask = _kept_heads(dec["head"][rows] if "head" in dec else None)
+            out = self._attention(_take(h[rows], idx[rows]), used, valid[rows], mask)
             _scatter_add(x, rows, idx[rows], out * valid[rows, :, None])
         rows = gate[:, 1].nonzero().squeeze(1)
         if len(rows):
+            used, mask = _kept_heads(dec["head"][rows] if "head" in dec else None)
             if self.token_mlp:
-                out = self.mlp(self.norm2(_take(x[rows], idx[rows])))
+                out = self._mlp(self.norm2(_take(x[rows], idx[rows])), used, mask)
                 _scatter_add(x, rows, idx[rows], out * valid[rows, :, None])
             else:
-                x[rows] += self.mlp(self.norm2(x[rows]))
+                x[rows] += self._mlp(self.norm2(x[rows]), used, mask)
         return x, dec
 
     def _fast_one(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -186,16 +223,15 @@ class AdaBlock(nn.Module):
         h = self.norm1(x)
         dec["patch"] = self._decide("patch", self.patch_select(h[:, 1:]).squeeze(-1))
         idx = torch.cat([dec["patch"].new_zeros(1, dtype=torch.long), dec["patch"][0].nonzero().squeeze(1) + 1])
+        used, _ = _kept_heads(dec.get("head"))
         x = x.clone()
         if attn_on:
-            heads = dec["head"][0] if "head" in dec else None
-            used = None if heads is None or heads.all() else heads.nonzero().squeeze(1)
             x.index_add_(1, idx, self._attention(h[:, idx], used))
         if mlp_on:
             if self.token_mlp:
-                x.index_add_(1, idx, self.mlp(self.norm2(x[:, idx])))
+                x.index_add_(1, idx, self._mlp(self.norm2(x[:, idx]), used))
             else:
-                x += self.mlp(self.norm2(x))
+                x += self._mlp(self.norm2(x), used)
         return x, dec
 
     def _attention(self, h: torch.Tensor, used: torch.Tensor | None = None, valid: torch.Tensor | None = None,
@@ -218,9 +254,37 @@ class AdaBlock(nn.Module):
         q, k, v = F.linear(h, w, bias).reshape(b, n, 3, u, d).permute(2, 0, 3, 1, 4)
         mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if head_mask is not None and not bool(head_mask.all()):
+        if head_mask is not None:
             a = a * head_mask[:, :, None, None].to(a.dtype)
         return F.linear(a.transpose(1, 2).reshape(b, n, u * d), proj_w, proj.bias)
+
+    def _mlp(self, h: torch.Tensor, used: torch.Tensor | None = None,
+             head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP (eval: no dropout) on normed tokens h [b, n, C], fc1 reading only the channels of the heads
+        `used` (None: all; none: fc1 returns its bias); `head_mask` [b, len(used)] zeroes a sample's others."""
+        mlp, fc1 = self.mlp, self.mlp.fc1
+        if used is None:
+            hidden = fc1(h)
+        else:
+            b, n, C = h.shape
+            H, d, u = self.num_heads, self.head_dim, len(used)
+            h = h.reshape(b, n, H, d)[:, :, used]
+            if head_mask is not None:
+                h = h * head_mask[:, None, :, None].to(h.dtype)
+            w = fc1.weight.view(fc1.out_features, H, d)[:, used].reshape(fc1.out_features, u * d)
+            hidden = F.linear(h.reshape(b, n, u * d), w, fc1.bias)
+        return mlp.fc2(mlp.norm(mlp.act(hidden)))
+
+
+def _kept_heads(heads: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From the head decisions [b, H] of the samples a branch runs for (None: the block has none): the heads any
+    of them keeps (None: all, nothing to slice) and each sample's mask over those (None: each keeps all)."""
+    if heads is None or bool(heads.bool().all()):
+        return None, None
+    heads = heads.bool()
+    used = heads.any(0).nonzero().squeeze(1)
+    mask = heads[:, used]
+    return used, None if bool(mask.all()) else mask
 
 
 def _gather_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,14 +315,18 @@ class AdaViT(VisionTransformer):
     patch [B, depth, N-1], head [B, depth-1, H], block [B, depth-1, 2] (from the second block on)."""
 
     def __init__(self, tau: float = 5.0, head_threshold: float = 0.5, block_threshold: float = 0.5,
-                 patch_threshold: float = 0.6, token_mlp: bool = True, decision_bias: float = 0.0, **kwargs):
+                 patch_threshold: float = 0.6, token_mlp: bool = True, detach_mlp_patch_gate: bool = False,
+                 train_pos_embed: bool = False, decision_bias: float = 0.0, **kwargs):
         block = partial(AdaBlock, tau=tau, head_threshold=head_threshold, block_threshold=block_threshold,
-                        patch_threshold=patch_threshold, token_mlp=token_mlp)
+                        patch_threshold=patch_threshold, token_mlp=token_mlp,
+                        detach_mlp_patch_gate=detach_mlp_patch_gate)
         super().__init__(block_fn=block, **kwargs)
         if self.global_pool != "token" or self.num_prefix_tokens != 1:
             raise ValueError("AdaViT needs exactly one class token and global_pool='token' (DeiT)")
-        # the decision heads' initial bias: 0 as in the reference (every logit starts near 0, so evaluation at
-        # first drops every patch: sigmoid(0) < 0.6); a positive bias starts from "keep everything"
+        if not train_pos_embed:
+            with torch.no_grad():
+                self.pos_embed.copy_(sinusoid_table(*self.pos_embed.shape[1:], device=self.pos_embed.device))
+            self.pos_embed.requires_grad_(False)
         for m in self.modules():
             if isinstance(m, AdaBlock):
                 for head in (m.patch_select, m.head_select, m.block_select):
@@ -266,17 +334,29 @@ class AdaViT(VisionTransformer):
                         nn.init.constant_(head.bias, decision_bias)
         self.decisions: dict[str, torch.Tensor] = {}
 
-    def _run_blocks(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, fast: bool = False, take=(), stop: int | None = None,
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embed x and run the blocks (the first `stop`; None: all), recording their decisions in
+        `self.decisions`; returns the last output (before the final norm) and the outputs of the blocks `take`."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        per_block = []
-        for blk in self.blocks:
-            x, dec = blk.forward_fast(x) if fast else blk(x)
+        per_block, taken = [], []
+        for i, blk in enumerate(self.blocks if stop is None else self.blocks[:stop]):
+            if fast:
+                x, dec = blk.forward_fast(x)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: the decisions, a second output, keep their gradient for the usage loss
+                x, dec = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x, dec = blk(x)
             per_block.append(dec)
-        self.decisions = {k: torch.stack([d[k] for d in per_block if k in d], dim=1) for k in DECISIONS}
-        return self.norm(x)
+            if i in take:
+                taken.append(x)
+        self.decisions = {k: torch.stack([d[k] for d in per_block if k in d], dim=1)
+                          for k in DECISIONS if any(k in d for d in per_block)}
+        return x, taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run_blocks(x, fast=False)
+        return self.norm(self._run_blocks(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The masked path (training and the reference's inference)."""
@@ -287,7 +367,28 @@ class AdaViT(VisionTransformer):
         """Eval-mode logits computing only the kept work (module docstring); same outputs as `forward`."""
         if self.training:
             raise RuntimeError("AdaViT.forward_fast is an inference path: call model.eval() first")
-        return self.forward_head(self._run_blocks(x, fast=True))
+        return self.forward_head(self.norm(self._run_blocks(x, fast=True)[0]))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's backbone API (as VisionTransformer.forward_intermediates, without its attention-mask and dict
+        options) on the masked path: the blocks' outputs `indices` (int: the last n; None: all), patch tokens as
+        NCHW or NLC, with their class token if `return_prefix_tokens`; and the final features unless
+        `intermediates_only`."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x, taken = self._run_blocks(x, take=take, stop=max_index + 1 if stop_early else None)
+        taken = [self.norm(y) if norm else y for y in taken]
+        prefix, intermediates = [y[:, :1] for y in taken], [y[:, 1:] for y in taken]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def usage(self) -> dict[str, torch.Tensor]:
         """Mean kept fraction of each decision kind over the last forward's batch."""
@@ -314,18 +415,49 @@ class AdaViT(VisionTransformer):
                 heads, ga, gm = H * ones, ones, ones
             n = patch[:, i].sum(1) + 1
             macs += ((ga + gm) > 0).double() * (P * C)  # the patch decision head of an active block
-            hd = heads * d
+            hd = heads * d  # the kept heads' channels
             macs += ga * (heads > 0).double() * (3 * n * C * hd + 2 * n * n * hd + n * hd * C)
-            macs += gm * 2 * (n if blk.token_mlp else (P + 1) * ones) * C * hidden
+            tokens = n if blk.token_mlp else (P + 1) * ones
+            macs += gm * tokens * hidden * (hd + C)  # fc1 reads the kept heads' channels only; fc2 is whole
         return macs + C * self.num_classes
 
 
+# the reference's module names (models/ada_transformer_block.py) -> ours
+_REFERENCE_NAMES = {".attn.token_select.mlp_head.": ".patch_select.", ".head_select.mlp_head.": ".head_select.",
+                    ".layer_select.mlp_head.": ".block_select."}
+
+
+def _from_reference(state_dict: dict) -> dict:
+    """Rename the reference's keys to ours and concatenate its query/key/value into qkv; other keys unchanged."""
+    out = {}
+    for k, v in state_dict.items():
+        for old, new in _REFERENCE_NAMES.items():
+            k = k.replace(old, new)
+        out[k] = v
+    for q in [k for k in out if ".attn.query." in k]:
+        parts = [q.replace(".query.", f".{p}.") for p in ("query", "key", "value")]
+        if all(p in out for p in parts):  # else they stay, and are named as unexpected keys
+            out[q.replace(".query.", ".qkv.")] = torch.cat([out.pop(p) for p in parts])
+    return out
+
+
 def checkpoint_filter_fn(state_dict: dict, model: AdaViT) -> dict:
-    """A dense DeiT / ViT checkpoint of the same shape: timm's ViT key remapping, plus the model's own
-    (freshly initialised) decision heads, which a dense checkpoint lacks; every other key must match."""
-    state_dict = vit_filter_fn(state_dict, model)
+    """Our checkpoint, the reference's, or a dense DeiT / ViT of the same shape (module docstring): renamed
+    to our keys, with timm's ViT remapping (position-embedding and patch-embedding resampling). A checkpoint
+    with no decision key at all is a dense one: the model's (freshly initialised) decision heads fill in.
+    Every other key must match both ways; the classifier is left to timm's loader (dropped when the class
+    counts differ, else loaded strictly), and shapes to load_state_dict (which names any mismatch)."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # a whole training checkpoint
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = vit_filter_fn(_from_reference(state_dict), model)
     own = model.state_dict()
-    return {**{k: v for k, v in own.items() if k not in state_dict and "_select." in k}, **state_dict}
+    if not any("_select." in k for k in state_dict):
+        state_dict.update({k: v for k, v in own.items() if "_select." in k})
+    check_fits(state_dict, model, f"depth {len(model.blocks)}, dim {model.embed_dim}")
+    return state_dict
 
 
 def _cfg(**kwargs):
@@ -345,7 +477,9 @@ _NANO = {"img_size": 32, "patch_size": 4, "in_chans": 1, "embed_dim": 48, "depth
 
 
 def _create(cls, variant: str, pretrained: bool, filter_fn, **kwargs):
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    # features_only through forward_intermediates (timm's FeatureGetterNet), the last 3 blocks as timm's ViTs
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                feature_cfg={"out_indices": 3, "feature_cls": "getter"}, **kwargs)
 
 
 @register_model

@@ -43,6 +43,10 @@ lightvit_tiny and why:
     1/2/4 (head dim 16 instead of 32, so that stage 1 keeps one full head), depths 2/2/2 instead of 2/6/6;
     8 global tokens and MLP ratios 8/4/4 unchanged. About 0.21M parameters at 10 classes and 9.3M MACs per
     32x32 image (riformer_nano: 7.2M, gfnet_nano: 15.1M), so it trains on CPU.
+
+timm's backbone API: `forward_intermediates` (each stage's image tokens as [B, C, h, w]; the global tokens are
+left out), `prune_intermediate_layers`, `features_only=True` (timm's FeatureGetterNet) and
+`set_grad_checkpointing` (each block recomputed in the backward pass).
 """
 from __future__ import annotations
 
@@ -55,9 +59,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
-from timm.models._manipulate import named_apply
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, named_apply
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import init_weights_vit_timm
+
+from ._checkpoint import check_fits
 
 __all__ = ["LightViT", "LightViTAttention", "LightViTBlock", "ResidualMergePatch"]
 
@@ -260,6 +267,9 @@ class LightViT(nn.Module):
         self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
         self.num_features = embed_dims[-1]
         self.head_hidden_size = neck_dim
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, dim in enumerate(embed_dims)]
         self.patch_embed = ConvStem(in_chans, embed_dims[0], patch_size)
         self.global_token = nn.Parameter(torch.zeros(1, num_tokens, embed_dims[0]))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -284,6 +294,10 @@ class LightViT(nn.Module):
         """Exact parameter names: the global tokens and every relative position bias table."""
         return {"global_token"} | {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -293,17 +307,61 @@ class LightViT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, in, H, W] -> [global; image] tokens [B, T + h*w, C] and the grid (h, w)."""
+        x, grid = self.patch_embed(x)
+        return torch.cat([self.global_token.expand(x.shape[0], -1, -1), x], dim=1), grid
+
+    def _stage(self, stage: nn.Sequential, x: torch.Tensor, grid: tuple[int, int]):
+        for block in stage:
+            if isinstance(block, ResidualMergePatch):
+                x, grid = block(x, *grid)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, *grid)
+            else:
+                x = block(x, *grid)
+        return x, grid
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in, H, W] -> normed tokens [B, T + h*w, C] (global tokens first)."""
-        x, (H, W) = self.patch_embed(x)
-        x = torch.cat([self.global_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x, grid = self._embed(x)
         for stage in self.stages:
-            for block in stage:
-                if isinstance(block, ResidualMergePatch):
-                    x, (H, W) = block(x, H, W)
-                else:
-                    x = block(x, H, W)
+            x, grid = self._stage(stage, x, grid)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's backbone API: the image tokens after each stage of `indices` (last n if an int, all if None)
+        as [B, C, h, w] ('NCHW') or [B, h, w, C] ('NHWC'); `norm` applies the final norm to the last stage's.
+        Returns the intermediates, or (final [global; image] tokens, intermediates)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"LightViT: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_stage = len(self.embed_dims) - 1
+        stages = self.stages[:max_index + 1] if stop_early or intermediates_only else self.stages
+        intermediates = []
+        x, grid = self._embed(x)
+        for i, stage in enumerate(stages):
+            x, grid = self._stage(stage, x, grid)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last_stage else x
+                y = y[:, self.num_tokens:].reshape(y.shape[0], *grid, -1)
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) == len(self.embed_dims) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one of `indices`; returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.neck = nn.Identity()
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.neck(x).mean(dim=1)
@@ -314,9 +372,18 @@ class LightViT(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: LightViT) -> dict:
-    """Reference checkpoints store `relative_position_index` buffers, recomputed here; drop them."""
-    state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
-    return {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    """A reference or our own checkpoint as a state dict of `model`: the names are the same; the reference's
+    `relative_position_index` buffers are recomputed here, so they are dropped. The reference's training
+    checkpoints keep the weights under 'model' (its converted ones under 'state_dict'). A key that maps to
+    nothing, a model key the checkpoint lacks or a shape mismatch is a ValueError naming them; the classifier
+    and the first conv's input channels are left to timm's loader (it drops / adapts them)."""
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    check_fits(out, model, f"dims {list(model.embed_dims)}, depths {list(model.depths)}")
+    return out
 
 
 def _cfg(**kwargs):
@@ -334,8 +401,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> LightViT:
+    out_indices = kwargs.pop("out_indices", len(kwargs["embed_dims"]))  # features_only: every stage
     return build_model_with_cfg(LightViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
 
 
 # Shapes of the reference's lightvit_tiny/small/base; drop-path rates of its README (0.1, base 0.3).

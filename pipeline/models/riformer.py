@@ -13,13 +13,17 @@ i.e. the token mixer is gone ("identity after norm").
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 from timm.layers import GroupNorm1
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
-from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling, checkpoint_filter_fn
+from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling
+
+from ._checkpoint import check_fits
 
 __all__ = ["Affine", "RIFormer", "RIFormerBlock", "TOKEN_MIXERS", "metaformer_blocks"]
 
@@ -28,16 +32,17 @@ class Affine(nn.Module):
     """Per-channel affine token mixer s*z + t - z, a depthwise 1x1 conv with bias minus its input.
 
     The "- input" follows PoolFormer's pool(z) - z: the block already has a residual.
-    `init` is a choice the paper leaves open (riformer.md Sec. 8): 'identity' starts at s=1, t=0, so the
-    mixer branch starts at zero output, as PoolFormer's pool(z) - z is close to zero on smooth features;
-    'timm' keeps timm's MetaFormer init (truncated normal, std .02, so s close to 0).
+    `init` is a choice the paper leaves open (riformer.md Sec. 8): 'identity' (our default) starts at s=1, t=0,
+    so the mixer branch starts at zero output, as PoolFormer's pool(z) - z is close to zero on smooth features;
+    'trunc_normal' is the official one (mmpretrain's RIFormer configs: TruncNormal(std .02) on every Conv2d,
+    bias 0; timm's MetaFormer init is the same), so s starts near 0 and the branch near -z.
     """
 
-    def __init__(self, dim: int, init: str = "identity", **kwargs):
+    def __init__(self, dim: int, init: str = "identity", device=None, dtype=None, **kwargs):
         super().__init__()
-        self.affine = nn.Conv2d(dim, dim, kernel_size=1, groups=dim, bias=True)
-        if init not in ("identity", "timm"):
-            raise ValueError(f"affine_init must be 'identity' or 'timm', got {init!r}")
+        self.affine = nn.Conv2d(dim, dim, kernel_size=1, groups=dim, bias=True, device=device, dtype=dtype)
+        if init not in ("identity", "trunc_normal"):
+            raise ValueError(f"affine_init must be 'identity' or 'trunc_normal', got {init!r}")
         self.init = init
 
     def reset_parameters(self) -> None:
@@ -83,17 +88,24 @@ class RIFormer(MetaFormer):
         affine_init: see `Affine`.
         stem_stride: 4 (paper: 7x7 conv, stride 4, padding 2) or 2 (3x3 conv, stride 2, padding 1) for the
             small-input nano variants, so that every stage keeps a grid of at least 2x2 at 28-32 px.
+        head_norm_first: True (default): the head of the papers and the official code (PoolFormer, mmpretrain's
+            RIFormer): GroupNorm(1) on the final feature map, then global average pooling, then fc. False:
+            timm's MetaFormer head (pool, then LayerNorm2d with eps 1e-6, then fc), for timm's own PoolFormer
+            weights. Same keys and parameter count either way (`head.norm`, `head.fc`).
     """
 
     def __init__(self, token_mixer: str = "affine", affine_init: str = "identity", stem_stride: int = 4,
-                 in_chans: int = 3, dims=(64, 128, 320, 512), **kwargs):
+                 head_norm_first: bool = True, in_chans: int = 3, dims=(64, 128, 320, 512), **kwargs):
         if token_mixer not in TOKEN_MIXERS:
             raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}")
         mixer = TOKEN_MIXERS[token_mixer]
         if token_mixer == "affine":
             kwargs["init"] = affine_init
+        if head_norm_first:
+            kwargs.setdefault("output_norm", GroupNorm1)
         super().__init__(in_chans=in_chans, dims=dims, token_mixers=mixer, **kwargs)
         self.token_mixer = token_mixer
+        self.head_norm_first = head_norm_first
         # timm's MetaFormerStage hard-codes its block class; RIFormerBlock only adds reparameterize().
         for module in self.modules():
             if type(module) is MetaFormerBlock:
@@ -101,17 +113,69 @@ class RIFormer(MetaFormer):
             if isinstance(module, Affine):
                 module.reset_parameters()
         if stem_stride == 2:
-            self.stem.conv = nn.Conv2d(in_chans, dims[0], kernel_size=3, stride=2, padding=1)
+            conv = self.stem.conv
+            self.stem.conv = nn.Conv2d(in_chans, dims[0], kernel_size=3, stride=2, padding=1,
+                                       device=conv.weight.device, dtype=conv.weight.dtype)
             self._init_weights(self.stem.conv)
             for i, info in enumerate(self.feature_info):
                 info["reduction"] = 2 ** (i + 1)
         elif stem_stride != 4:
             raise ValueError(f"stem_stride must be 4 or 2, got {stem_stride}")
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.head_norm_first:
+            return super().forward_head(x, pre_logits)
+        x = self.head.flatten(self.head.global_pool(self.head.norm(x)))
+        x = self.head.drop(x)
+        return x if pre_logits else self.head.fc(x)
+
 
 def metaformer_blocks(model: MetaFormer) -> list[MetaFormerBlock]:
     """All blocks of a MetaFormer (RIFormer or timm's PoolFormer) in order; module imitation picks from these."""
     return [blk for stage in model.stages for blk in stage.blocks]
+
+
+def _official_key(key: str) -> str:
+    """A key of the official layouts in ours. mmpretrain's RIFormer / PoolFormer backbones and the original
+    PoolFormer code name the stem `patch_embed.proj`, the stages and downsamplings one list `network`
+    (`network.{2i}.{j}` = stage i's block j, `network.{2i-1}.proj` = stage i's downsampling), the layer scales
+    `layer_scale_{1,2}` ([C]), the final norm `norm` (mmpretrain: `norm6`, the norm of output index 6) and the
+    classifier `head` (mmpretrain: `head.fc`); mmpretrain's deploy blocks hold the merged norm as `norm_reparam`.
+    """
+    key = key.removeprefix("backbone.")
+    key = re.sub(r"^patch_embed\.proj\.", "stem.conv.", key)
+    key = re.sub(r"^network\.(\d+)\.proj\.", lambda m: f"stages.{(int(m[1]) + 1) // 2}.downsample.conv.", key)
+    key = re.sub(r"^network\.(\d+)\.(\d+)\.", lambda m: f"stages.{int(m[1]) // 2}.blocks.{m[2]}.", key)
+    key = re.sub(r"\.layer_scale_([12])$", r".layer_scale\1.scale", key)
+    key = re.sub(r"\.norm_reparam\.", ".norm1.", key)
+    key = re.sub(r"^norm\d*\.", "head.norm.", key)
+    return re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: RIFormer) -> dict:
+    """Any RIFormer / PoolFormer checkpoint in our layout (timm's MetaFormer keys), mmpretrain's (training and
+    deploy form) or the original PoolFormer code's, as a state dict of `model`. Used by timm's loader:
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`.
+
+    The official heads put the norm on the map before pooling: load them into the default
+    `head_norm_first=True`. A key that maps to nothing, or a key of the model that the checkpoint lacks (other
+    than the classifier, which timm's loader drops when the class counts differ), is a ValueError naming them.
+    """
+    own = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        key = _official_key(key)
+        if key in own and value.shape != own[key].shape and value.numel() == own[key].numel():
+            value = value.reshape(own[key].shape)  # layer scales: [C] -> [C, 1, 1]
+        out[key] = value
+    hint = ""
+    if any(".norm_reparam." in k for k in state_dict) and model.token_mixer == "affine":
+        hint = "this is a deploy (re-parameterized) checkpoint: create the model with token_mixer='identity'"
+    elif any(".token_mixer.affine." in k for k in state_dict) and model.token_mixer != "affine":
+        hint = ("this is a training-form checkpoint (affine token mixer): create the model with "
+                "token_mixer='affine', then timm.utils.reparameterize_model() gives the deploy form")
+    check_fits(out, model, f"token_mixer={model.token_mixer!r}", hint)
+    return out
 
 
 def _cfg(**kwargs):
@@ -126,8 +190,8 @@ default_cfgs = generate_default_cfgs({
     "riformer_s12.untrained": _cfg(),
     "riformer_s24.untrained": _cfg(),
     "riformer_s36.untrained": _cfg(),
-    "riformer_m36.untrained": _cfg(),
-    "riformer_m48.untrained": _cfg(),
+    "riformer_m36.untrained": _cfg(crop_pct=0.95),
+    "riformer_m48.untrained": _cfg(crop_pct=0.95),
     "riformer_nano.untrained": _cfg(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0),
     "poolformer_nano.untrained": _cfg(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0),
     "poolformer_s9.untrained": _cfg(),
