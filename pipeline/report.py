@@ -461,7 +461,8 @@ def adaptive_markdown(adaptive: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-LOSS_TERMS = {"ce": "CE", "kd": "KD", "mi_in": "L'_in", "mi_out": "L_out", "mi_rel": "L_rel",
+LOSS_TERMS = {"ce": "CE", "kd_soft": "soft KD", "kd_hard": "hard KD", "mi_in": "L'_in", "mi_out": "L_out",
+              "mi_rel": "L_rel",
               "usage_head": "usage (heads)", "usage_block": "usage (blocks)", "usage_patch": "usage (patches)"}
 
 

@@ -198,3 +198,13 @@ def test_several_seeds_pair_by_seed(tmp_path, monkeypatch):
     readme = (study.report_dir / "README.md").read_text()
     assert "| 3 × 1,000 |" in readme and "With 3 seeds" in readme
     json.dumps(summary["verdicts"])  # intervals are plain JSON in summary.json
+
+
+def test_loss_terms_table_shows_which_term_dominates(study):
+    """Each weighted term's first-epoch mean and its share, for the first seed's runs that combine terms."""
+    fake_results(study, paper_like())
+    write_report(study, study.results / "report")
+    section = (study.results / "report" / "README.md").read_text().split("### Loss terms")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| pooling-ce |"))
+    assert "| 1 (91%) |" in row and "| 0.1 (9%) |" in row  # soft KD 1.0, L'_in 0.1 in the fake history
+    assert "soft KD" in section and "L'_in" in section
