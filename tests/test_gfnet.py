@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import assert_grad_checkpointing_is_exact
 
 import pipeline.models  # noqa: F401
 from pipeline.models.gfnet import checkpoint_filter_fn
@@ -356,19 +357,4 @@ def test_grad_checkpointing_gives_the_same_gradients(name, kwargs, size):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, drop_path_rate=0.0, **kwargs)  # train mode, deterministic
     x = torch.randn(2, 1, size, size)
-    calls = []
-    model.stages[0][0].register_forward_pre_hook(lambda *_: calls.append(1))
-
-    def gradients():
-        model.zero_grad()
-        calls.clear()
-        model(x).logsumexp(-1).sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = gradients()
-    assert len(calls) == 1
-    model.set_grad_checkpointing(True)
-    checkpointed = gradients()
-    assert len(calls) == 2  # the block ran again in the backward pass
-    for n, g in plain.items():
-        torch.testing.assert_close(checkpointed[n], g, msg=n)
+    assert_grad_checkpointing_is_exact(model, x, model.stages[0][0])
