@@ -480,5 +480,5 @@ def test_reference_keys_of_ada_deit_small_map_onto_ours():
     with torch.device("meta"):
         ref = RefAdaDeiT(img=224, patch=16, in_chans=3, dim=384, depth=12, heads=6, classes=1000)
         model = timm.create_model("ada_deit_small")
-    mapped = checkpoint_filter_fn({f"module.{k}": v for k, v in ref.state_dict().items()}, model)
+    mapped = checkpoint_filter_fn(ref.state_dict(), model)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -165,7 +165,7 @@ def test_official_layout_maps_onto_every_variant(name):
     with torch.device("meta"):
         ref = _reference(name)
         model = timm.create_model(name)
-    mapped = checkpoint_filter_fn({"model": ref.state_dict()}, model)
+    mapped = checkpoint_filter_fn(ref.state_dict(), model)
     ours = model.state_dict()
     assert mapped.keys() == ours.keys()
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.items()}

@@ -446,12 +446,9 @@ def checkpoint_filter_fn(state_dict: dict, model: AdaViT) -> dict:
     to our keys, with timm's ViT remapping (position-embedding and patch-embedding resampling). A checkpoint
     with no decision key at all is a dense one: the model's (freshly initialised) decision heads fill in.
     Every other key must match both ways; the classifier is left to timm's loader (dropped when the class
-    counts differ, else loaded strictly), and shapes to load_state_dict (which names any mismatch)."""
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # a whole training checkpoint
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    counts differ, else loaded strictly), and shapes to load_state_dict (which names any mismatch). timm's
+    loader has already taken the weights out of a training checkpoint (`state_dict_ema`, `model_ema`,
+    `state_dict`, `model`, the reference's order) and removed the `module.` prefix."""
     state_dict = vit_filter_fn(_from_reference(state_dict), model)
     own = model.state_dict()
     if not any("_select." in k for k in state_dict):

@@ -243,8 +243,6 @@ def checkpoint_filter_fn(state_dict: dict, model: GFNet) -> dict:
     naming them; the classifier is left to timm's loader (it drops it when the class counts differ), and so
     is the first conv's input-channel count (it adapts it to `in_chans`).
     """
-    if isinstance(state_dict.get("model"), dict):  # a training checkpoint: the reference saves the weights here
-        state_dict = state_dict["model"]
     own = model.state_dict()
     _, h, w, c = own["pos_embed"].shape
     out = {}

@@ -376,11 +376,8 @@ def checkpoint_filter_fn(state_dict: dict, model: LightViT) -> dict:
     `relative_position_index` buffers are recomputed here, so they are dropped. The reference's training
     checkpoints keep the weights under 'model' (its converted ones under 'state_dict'). A key that maps to
     nothing, a model key the checkpoint lacks or a shape mismatch is a ValueError naming them; the classifier
-    and the first conv's input channels are left to timm's loader (it drops / adapts them)."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    and the first conv's input channels are left to timm's loader (it drops / adapts them), which has already
+    taken the weights out of the checkpoint's 'model' / 'state_dict' entry."""
     out = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
     check_fits(out, model, f"dims {list(model.embed_dims)}, depths {list(model.depths)}")
     return out
