@@ -33,8 +33,20 @@ dataset:
 	  { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q dataset-fashion-mnist; }; \
 	else echo "No apt-get here: get the four Fashion-MNIST IDX files and set data.raw_dir (see README)."; fi
 
-test: setup
+# timm's own model test suite (tests/test_models.py of the pinned timm's source distribution on PyPI), run over
+# every model the project registers (tests/timm_contract.py selects them; see the README's "Models").
+TIMM_VERSION := $(shell sed -n 's/.*"timm==\([^"]*\)".*/\1/p' pyproject.toml)
+TIMM_SUITE   := .cache/timm-$(TIMM_VERSION)/tests/test_models.py
+
+$(TIMM_SUITE): pyproject.toml | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: timm==$(TIMM_VERSION) -d .cache
+	tar -xzf .cache/timm-$(TIMM_VERSION).tar.gz -C .cache timm-$(TIMM_VERSION)/tests
+	touch $@
+
+test: setup $(TIMM_SUITE)
 	$(PY) -m pytest -q
+	PYTHONPATH=tests $(PY) -m pytest -q -p timm_contract -p no:cacheprovider \
+	  -W ignore::pytest.PytestUnknownMarkWarning $(TIMM_SUITE)
 
 # The study on the embedded default data (Fashion-MNIST, nano models), through Snakemake: every run is trained
 # (or resumed) and the report written to results/$(PROFILE)/report/; then the fresh tables are compared with

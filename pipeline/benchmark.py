@@ -41,7 +41,10 @@ FFT_FLOPS = {aten._fft_r2c.default: _fft_flops, aten._fft_c2r.default: _fft_flop
 
 
 def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, plus a fixed position embedding held as a buffer (AdaViT's: a frozen Parameter in the
+    reference code, which counts it; a buffer here, see pipeline/models/adavit.py)."""
+    fixed = sum(b.numel() for name, b in model.named_buffers() if name.split(".")[-1] == "pos_embed")
+    return sum(p.numel() for p in model.parameters()) + fixed
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from pipeline.models.lightvit import (
     ResidualMergePatch,
     checkpoint_filter_fn,
     relative_position_index,
+    window_attention,
 )
 
 # The reference code (hunto/image_classification_sota lib/models/lightvit.py) instantiated at 1000 classes:
@@ -64,8 +65,10 @@ def test_classifier_api():
     model.reset_classifier(5)
     assert model.num_classes == 5 and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     feats = model.forward_features(torch.randn(1, 3, 32, 32))
-    assert feats.shape == (1, 8 + 4 * 4, 64)  # global tokens + 4x4 image tokens of the last stage
+    # global tokens + 4x4 image tokens of the last stage, after the neck (the reference's forward_features)
+    assert feats.shape == (1, 8 + 4 * 4, 320) and model.num_features == model.head_hidden_size == 320
     assert model.forward_head(feats, pre_logits=True).shape == (1, 320)
+    torch.testing.assert_close(model.forward_head(feats), model.head(feats.mean(1)))
 
 
 def _window_attention(window=4, dim=32, heads=2, tokens=3):
@@ -103,7 +106,7 @@ def test_padded_window_attention_masks_padded_keys():
     q, k, v = attn.qkv(x).view(2, -1, 3, heads, 16).permute(2, 0, 3, 1, 4).unbind(0)
     q, k, v = q[:, :, T:], k[:, :, T:], v[:, :, T:]
     with torch.no_grad():
-        out = attn.forward_local(q, k, v, H, W)
+        out = window_attention(q, k, v, attn.position_bias(), H, W, ws, 0.0)
         table = attn.relative_position_bias_table
         index = relative_position_index(ws)
         expected = torch.empty_like(out)
@@ -335,7 +338,7 @@ def test_forward_intermediates():
         first, last = model.forward_intermediates(x, indices=[0, 2], norm=True, output_fmt="NHWC",
                                                   intermediates_only=True)
         torch.testing.assert_close(first, feats[0].permute(0, 2, 3, 1))
-        torch.testing.assert_close(last.flatten(1, 2), tokens[:, 8:])
+        torch.testing.assert_close(model.neck(last.flatten(1, 2)), tokens[:, 8:])
         # 28 px: the odd grids of the padded path
         assert [f.shape[-2:] for f in model.forward_intermediates(torch.randn(1, 1, 28, 28), intermediates_only=True)] \
             == [(14, 14), (7, 7), (4, 4)]

@@ -40,7 +40,7 @@ def test_gfnet_parameter_counts(name):
 def test_gfnet_rejects_input_size_its_filters_do_not_fit():
     model = timm.create_model("gfnet_nano", num_classes=10)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    with pytest.raises(ValueError, match=r"built for 32x32 inputs, got 28x28"):
+    with pytest.raises(ValueError, match=r"built for a 32x32 input but got 28x28"):
         model(torch.randn(2, 1, 28, 28))
     with pytest.raises(ValueError, match="divisible"):
         timm.create_model("gfnet_h_ti", img_size=100)

@@ -36,8 +36,10 @@ Constructor arguments; each default is the reference's (another value is a devia
 * `token_mlp=True`: patch decisions gate the MLP too (`--ada-token-with-mlp`);
 * `detach_mlp_patch_gate=False`: the MLP's patch gate passes gradient to the patch heads (the reference's
   `--ada-token-detach-attn-at-mlp`, off by default; only the attention mask is detached);
-* `train_pos_embed=False`: the position embedding is fixed (`requires_grad=False`): the sinusoid table of
-  T2T-ViT until a checkpoint overwrites it (the reference's Ada-DeiT-S keeps its dense DeiT's, frozen);
+* `train_pos_embed=False`: the position embedding is fixed: the sinusoid table of T2T-ViT until a checkpoint
+  overwrites it (the reference's Ada-DeiT-S keeps its dense DeiT's, frozen). The reference holds it as a
+  Parameter with requires_grad=False; here it is a buffer under the same key `pos_embed` (every parameter then
+  trains, as timm's model tests require), and pipeline.benchmark.count_params counts it as the reference does;
 * `decision_bias=0.0`: the decision heads' initial bias (the reference inits every Linear with bias 0, so
   evaluation at first drops every patch: sigmoid(0) < 0.6; a positive bias starts from "keep everything");
 * `tau`, `head_threshold`, `block_threshold`, `patch_threshold`: as above.
@@ -55,13 +57,15 @@ state_dict_ema / state_dict / model; attn.query/key/value, attn.token_select.mlp
 layer_select.mlp_head). Any other missing or unexpected key is a ValueError, never a partial load.
 
 Backbone API: `forward_intermediates` (so `features_only=True` works, through timm's FeatureGetterNet) and
-`set_grad_checkpointing` (timm's), both on the masked path.
+`set_grad_checkpointing` (timm's), both on the masked path. The input size is fixed (`fixed_input_size` in the
+pretrained config, as timm's DeiT: the reference's position table is for 14x14 patches); `set_input_size`
+resamples the table as timm's ViT does. The masked path scripts (TorchScript; the decisions are then not
+recorded in `self.decisions`) and traces (torch.fx).
 
 `deit_nano` / `ada_deit_nano`: for 32x32 single-channel inputs (Fashion-MNIST padded to 32): patch 4 (an 8x8
 grid, 64 patches + CLS), DeiT-Ti's width divided by 4 with its 3 heads (dim 48, head dim 16), half its
 depth (6 blocks), MLP ratio 4.
 """
-from __future__ import annotations
 
 import math
 from functools import partial
@@ -117,22 +121,24 @@ class AdaBlock(nn.Module):
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  norm_layer=nn.LayerNorm, act_layer=nn.GELU, depth: int = 0, tau: float = 5.0,
                  head_threshold: float = 0.5, block_threshold: float = 0.5, patch_threshold: float = 0.6,
-                 keep_layers: int = 1, token_mlp: bool = True, detach_mlp_patch_gate: bool = False, **_):
+                 keep_layers: int = 1, token_mlp: bool = True, detach_mlp_patch_gate: bool = False,
+                 device=None, dtype=None, **_):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.tau, self.token_mlp, self.detach_mlp_patch_gate = tau, token_mlp, detach_mlp_patch_gate
         self.thresholds = {"head": head_threshold, "block": block_threshold, "patch": patch_threshold}
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn.proj = nn.Linear(dim, dim)
+        self.attn.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.attn.proj = nn.Linear(dim, dim, **dd)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.patch_select = nn.Linear(dim, 1)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.patch_select = nn.Linear(dim, 1, **dd)
         self.adaptive = depth >= keep_layers  # heads and blocks are decided from the second block on
-        self.head_select = nn.Linear(dim, num_heads) if self.adaptive else None
-        self.block_select = nn.Linear(dim, 2) if self.adaptive else None
+        self.head_select = nn.Linear(dim, num_heads, **dd) if self.adaptive else None
+        self.block_select = nn.Linear(dim, 2, **dd) if self.adaptive else None
         self.drop_path = nn.Identity() if self.adaptive or drop_path == 0 else DropPath(drop_path)
 
     def _decide(self, kind: str, logits: torch.Tensor) -> torch.Tensor:
@@ -140,8 +146,8 @@ class AdaBlock(nn.Module):
 
     def decide(self, x: torch.Tensor, normed: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Block [B, 2] and head [B, H] decisions from the CLS token; patch [B, N-1] from the normed patches."""
-        out = {}
-        if self.adaptive:
+        out: dict[str, torch.Tensor] = {}
+        if self.block_select is not None and self.head_select is not None:  # self.adaptive, as TorchScript sees it
             out["block"] = self._decide("block", self.block_select(x[:, 0]))
             out["head"] = self._decide("head", self.head_select(x[:, 0]))
         if normed is not None:
@@ -155,8 +161,8 @@ class AdaBlock(nn.Module):
         h = self.norm1(x)
         dec = self.decide(x, h)
         keep = torch.cat([dec["patch"].new_ones(B, 1), dec["patch"]], dim=1)  # [B, N], CLS kept
-        q, k, v = self.attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
-        width = None  # [B, 1, C]: the channels of the kept heads
+        q, k, v = self.attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        width: torch.Tensor | None = None  # [B, 1, C]: the channels of the kept heads
         if "head" in dec:
             m = dec["head"][:, :, None, None]
             q, k, v = q * m, k * m, v * m
@@ -321,12 +327,11 @@ class AdaViT(VisionTransformer):
                         patch_threshold=patch_threshold, token_mlp=token_mlp,
                         detach_mlp_patch_gate=detach_mlp_patch_gate)
         super().__init__(block_fn=block, **kwargs)
+        self.blocks = nn.ModuleList(self.blocks)  # the blocks return (x, decisions): no Sequential (TorchScript)
         if self.global_pool != "token" or self.num_prefix_tokens != 1:
             raise ValueError("AdaViT needs exactly one class token and global_pool='token' (DeiT)")
-        if not train_pos_embed:
-            with torch.no_grad():
-                self.pos_embed.copy_(sinusoid_table(*self.pos_embed.shape[1:], device=self.pos_embed.device))
-            self.pos_embed.requires_grad_(False)
+        if not train_pos_embed:  # a fixed table, held as a buffer under the same key
+            self._freeze_pos_embed(sinusoid_table(*self.pos_embed.shape[1:], device=self.pos_embed.device))
         for m in self.modules():
             if isinstance(m, AdaBlock):
                 for head in (m.patch_select, m.head_select, m.block_select):
@@ -334,6 +339,25 @@ class AdaViT(VisionTransformer):
                         nn.init.constant_(head.bias, decision_bias)
         self.decisions: dict[str, torch.Tensor] = {}
 
+    def _freeze_pos_embed(self, table: torch.Tensor) -> None:
+        """The reference's fixed position embedding (a Parameter with requires_grad=False there) as a buffer,
+        so that every parameter of the model trains; `state_dict` keeps the key `pos_embed`."""
+        dtype = self.pos_embed.dtype
+        del self.pos_embed
+        self.register_buffer("pos_embed", table.detach().to(dtype))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {k for k in super().no_weight_decay() if k != "pos_embed" or isinstance(self.pos_embed, nn.Parameter)}
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ViT resize (the position embedding is resampled to the new grid); a fixed one stays fixed."""
+        fixed = not isinstance(self.pos_embed, nn.Parameter)
+        super().set_input_size(img_size, patch_size)
+        if fixed and isinstance(self.pos_embed, nn.Parameter):
+            self._freeze_pos_embed(self.pos_embed)
+
+    @torch.jit.ignore
     def _run_blocks(self, x: torch.Tensor, fast: bool = False, take=(), stop: int | None = None,
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Embed x and run the blocks (the first `stop`; None: all), recording their decisions in
@@ -356,6 +380,11 @@ class AdaViT(VisionTransformer):
         return x, taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the same masked path; the decisions are not recorded
+            x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+            for blk in self.blocks:
+                x, _ = blk(x)
+            return self.norm(x)
         return self.norm(self._run_blocks(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,6 +398,7 @@ class AdaViT(VisionTransformer):
             raise RuntimeError("AdaViT.forward_fast is an inference path: call model.eval() first")
         return self.forward_head(self.norm(self._run_blocks(x, fast=True)[0]))
 
+    @torch.jit.ignore
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -460,7 +490,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AdaViT) -> dict:
 def _cfg(**kwargs):
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+            "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True, **kwargs}
 
 
 default_cfgs = generate_default_cfgs({

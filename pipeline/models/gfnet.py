@@ -26,16 +26,23 @@ loads one. A checkpoint it cannot map is a ValueError naming the keys.
 
 timm's backbone API: `forward_intermediates`, `prune_intermediate_layers`, `features_only=True` (timm's
 FeatureGetterNet), `set_grad_checkpointing`. The features are each stage's output for a hierarchical model and
-each block's output for the flat one (as timm's ViT).
+each block's output for the flat one (as timm's ViT). The model scripts (TorchScript) and traces (torch.fx:
+the size checks are leaf functions, `register_notrace_function`).
 """
-from __future__ import annotations
 
 import re
 from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (
+    DropPath,
+    Mlp,
+    calculate_drop_path_rates,
+    get_device_dtype,
+    register_notrace_function,
+    trunc_normal_,
+)
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
@@ -48,21 +55,29 @@ from ._checkpoint import check_fits
 __all__ = ["GFNet", "GlobalFilter", "checkpoint_filter_fn"]
 
 
+@register_notrace_function  # a leaf of torch.fx graphs: its Python `if` on the shape is not traced
+def check_size(x: torch.Tensor, size: tuple[int, int], what: str) -> torch.Tensor:
+    """x unchanged if its dims 1-2 (a [B, H, W, C] token grid) or 2-3 (a [B, C, H, W] image, what='input') are
+    `size`; else a ValueError saying that the global filters fix the input size."""
+    H, W = (x.shape[2], x.shape[3]) if what == "input" else (x.shape[1], x.shape[2])
+    if H != size[0] or W != size[1]:
+        raise ValueError(f"GFNet was built for a {size[0]}x{size[1]} {what} but got {H}x{W}: its global filters "
+                         f"fix the input size; create it with img_size matching the data (square inputs only)")
+    return x
+
+
 class GlobalFilter(nn.Module):
-    def __init__(self, dim: int, h: int, w: int):
+    def __init__(self, dim: int, h: int, w: int, device=None, dtype=None):
         super().__init__()
         self.size = (h, w)
-        self.complex_weight = nn.Parameter(torch.randn(h, w // 2 + 1, dim, 2) * 0.02)
+        self.complex_weight = nn.Parameter(torch.randn(h, w // 2 + 1, dim, 2, device=device, dtype=dtype) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        if (H, W) != self.size:
-            raise ValueError(
-                f"GFNet global filter is {self.size[0]}x{self.size[1]} tokens but got a {H}x{W} grid: "
-                f"the model was built for another input size; create it with img_size matching the data")
+        x = check_size(x, self.size, "token grid")
+        H, W = x.shape[1], x.shape[2]
         dtype = x.dtype
         x = torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho")
-        x = x * torch.view_as_complex(self.complex_weight)
+        x = x * torch.view_as_complex(self.complex_weight.float())  # the FFT runs in float32 for any dtype
         x = torch.fft.irfft2(x, s=(H, W), dim=(1, 2), norm="ortho")
         return x.to(dtype)
 
@@ -71,14 +86,15 @@ class GFNetBlock(nn.Module):
     """x + DropPath(gamma * MLP(LN2(GlobalFilter(LN1(x))))), gamma only with a layer scale."""
 
     def __init__(self, dim: int, size: tuple[int, int], mlp_ratio: float = 4.0, drop: float = 0.0,
-                 drop_path: float = 0.0, layer_scale: float | None = None):
+                 drop_path: float = 0.0, layer_scale: float | None = None, device=None, dtype=None):
         super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = partial(nn.LayerNorm, eps=1e-6, **dd)
         self.norm1 = norm_layer(dim)
-        self.filter = GlobalFilter(dim, *size)
+        self.filter = GlobalFilter(dim, *size, **dd)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        self.gamma = nn.Parameter(layer_scale * torch.ones(dim)) if layer_scale is not None else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop, **dd)
+        self.gamma = nn.Parameter(layer_scale * torch.ones(dim, **dd)) if layer_scale is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,23 +107,28 @@ class GFNetBlock(nn.Module):
 class ConvEmbed(nn.Module):
     """Non-overlapping conv patch embedding / 2x2 stride-2 downsampling, on [B, H, W, C] tokens."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_chs, out_chs, kernel_size=stride, stride=stride)
+        self.proj = nn.Conv2d(in_chs, out_chs, kernel_size=stride, stride=stride, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class GFNet(nn.Module):
-    """GFNet with one or more stages. One stage with patch 16 is GFNet-B; four with patch 4 is GFNet-H."""
+    """GFNet with one or more stages. One stage with patch 16 is GFNet-B; four with patch 4 is GFNet-H.
+
+    Features are token grids [B, h, w, C] (`output_fmt` 'NHWC', as timm's Swin); `global_pool` 'avg' (the
+    reference's mean over tokens) or '' (no pooling: `forward_head(pre_logits=True)` returns the grid)."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000,
                  embed_dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), mlp_ratio: float = 4.0,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, layer_scale: float | None = 1e-6,
-                 dropcls: float = 0.0, global_pool: str = "avg"):
+                 dropcls: float = 0.0, global_pool: str = "avg", device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        _check_pool(global_pool)
         if isinstance(img_size, (tuple, list)):  # timm passes the cfg's (H, W) for fixed-size models
             if img_size[0] != img_size[1]:
                 raise ValueError(f"GFNet supports square inputs only, got img_size {tuple(img_size)}")
@@ -120,8 +141,9 @@ class GFNet(nn.Module):
         self.embed_dims = tuple(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.global_pool = global_pool
+        self.output_fmt = "NHWC"
         self.grad_checkpointing = False
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dims[0]))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dims[0], **dd))
         # the reference's GFNetPyramid creates this dropout but never calls it (gfnet.py, forward_features)
         self.pos_drop = nn.Dropout(drop_rate) if len(depths) == 1 else nn.Identity()
         dpr = iter(calculate_drop_path_rates(drop_path_rate, sum(depths)))  # linear over all blocks (gfnet.py)
@@ -129,14 +151,14 @@ class GFNet(nn.Module):
         self.stages = nn.ModuleList()
         prev = in_chans
         for i, (dim, depth) in enumerate(zip(embed_dims, depths, strict=True)):
-            self.downsample.append(ConvEmbed(prev, dim, patch_size if i == 0 else 2))
+            self.downsample.append(ConvEmbed(prev, dim, patch_size if i == 0 else 2, **dd))
             size = (grid >> i, grid >> i)
             self.stages.append(nn.Sequential(*[
-                GFNetBlock(dim, size, mlp_ratio, drop_rate, next(dpr), layer_scale) for _ in range(depth)]))
+                GFNetBlock(dim, size, mlp_ratio, drop_rate, next(dpr), layer_scale, **dd) for _ in range(depth)]))
             prev = dim
-        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6, **dd)
         self.head_drop = nn.Dropout(dropcls)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
         # Feature taps of the backbone API, as (stage, first block, end block): each stage of a hierarchical
         # model, each block of the flat one.
         if len(depths) > 1:
@@ -159,19 +181,21 @@ class GFNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, device=None, dtype=None) -> None:
+        """A new classifier on the model's device and dtype (unless given); `global_pool` None keeps the pooling."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.num_features, num_classes, **get_device_dtype(self, device, dtype))
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in, H, W] image -> [B, h, w, C] tokens with the position embedding."""
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"GFNet was built for {self.img_size}x{self.img_size} inputs, got "
-                             f"{x.shape[-2]}x{x.shape[-1]}: its global filters fix the input size; create it "
-                             f"with img_size={x.shape[-1]} (square inputs only)")
+        x = check_size(x, (self.img_size, self.img_size), "input")
         return self.pos_drop(self.downsample[0](x.permute(0, 2, 3, 1)) + self.pos_embed)
 
     def _blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -181,12 +205,16 @@ class GFNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        for i, stage in enumerate(self.stages):
+        for i, (down, stage) in enumerate(zip(self.downsample, self.stages)):  # noqa: B905 (no strict= in TorchScript)
             if i > 0:
-                x = self.downsample[i](x)
-            x = self._blocks(stage, x)
+                x = down(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
         return self.norm(x)
 
+    @torch.jit.ignore
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm's backbone API: the features of `indices` (last n if an int, all if None) as [B, C, h, w]
@@ -226,11 +254,19 @@ class GFNet(nn.Module):
         return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(1, 2)))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"GFNet: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
 
 
 def checkpoint_filter_fn(state_dict: dict, model: GFNet) -> dict:
@@ -259,7 +295,7 @@ def checkpoint_filter_fn(state_dict: dict, model: GFNet) -> dict:
 
 
 def _cfg(**kwargs):
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
             "first_conv": "downsample.0.proj", "classifier": "head", "fixed_input_size": True, **kwargs}
 
@@ -268,8 +304,8 @@ default_cfgs = generate_default_cfgs({
     "gfnet_h_ti.untrained": _cfg(),
     "gfnet_h_s.untrained": _cfg(),
     "gfnet_h_b.untrained": _cfg(),
-    "gfnet_b.untrained": _cfg(),
-    "gfnet_nano.untrained": _cfg(input_size=(1, 32, 32), crop_pct=1.0),
+    "gfnet_b.untrained": _cfg(pool_size=(14, 14)),
+    "gfnet_nano.untrained": _cfg(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0),
 })
 
 

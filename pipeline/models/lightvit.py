@@ -46,17 +46,17 @@ lightvit_tiny and why:
 
 timm's backbone API: `forward_intermediates` (each stage's image tokens as [B, C, h, w]; the global tokens are
 left out), `prune_intermediate_layers`, `features_only=True` (timm's FeatureGetterNet) and
-`set_grad_checkpointing` (each block recomputed in the backward pass).
+`set_grad_checkpointing` (each block recomputed in the backward pass). `forward_features` ends with the neck, as
+the reference's does (there it also takes the mean). The model scripts (TorchScript) and traces (torch.fx: the
+grid-dependent padding is in leaf functions, `register_notrace_function`).
 """
-from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, get_device_dtype, register_notrace_function, trunc_normal_
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
@@ -75,8 +75,9 @@ _STEM_STRIDES = {8: (2, 1, 1, 2, 2), 4: (2, 1, 1, 2, 1), 2: (2, 1, 1, 1, 1)}
 class ConvStem(nn.Module):
     """Conv stem: [B, in, H, W] -> tokens [B, H/s * W/s, C] and the grid (H/s, W/s), s in {2, 4, 8}."""
 
-    def __init__(self, in_chans: int, embed_dim: int, stride: int = 8):
+    def __init__(self, in_chans: int, embed_dim: int, stride: int = 8, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if stride not in _STEM_STRIDES:
             raise ValueError(f"LightViT stem stride must be one of {sorted(_STEM_STRIDES)}, got {stride}")
         s = _STEM_STRIDES[stride]
@@ -84,15 +85,15 @@ class ConvStem(nn.Module):
         layers = []
         for i, st in enumerate(s[:4]):
             cin = in_chans if i == 0 else mid
-            layers += [nn.Conv2d(cin, mid, 3, st, 1, groups=1 if i == 0 else mid, bias=False),
-                       nn.BatchNorm2d(mid), nn.GELU()]
+            layers += [nn.Conv2d(cin, mid, 3, st, 1, groups=1 if i == 0 else mid, bias=False, **dd),
+                       nn.BatchNorm2d(mid, **dd), nn.GELU()]
         self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(mid, embed_dim, 3, s[4], 1)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Conv2d(mid, embed_dim, 3, s[4], 1, **dd)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(self.stem(x))
-        H, W = x.shape[-2:]
+        H, W = x.shape[2], x.shape[3]
         return self.norm(x.flatten(2).transpose(1, 2)), (H, W)
 
 
@@ -107,61 +108,37 @@ class LightViTAttention(nn.Module):
     """Local window attention + global aggregation + global broadcast over [global; image] tokens."""
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, window_size: int = 7, qkv_bias: bool = True,
-                 attn_drop: float = 0.0):
+                 attn_drop: float = 0.0, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"LightViT: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.num_tokens, self.window_size = num_heads, num_tokens, window_size
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.kv_global = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size).flatten(),
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.kv_global = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
+        self.register_buffer("relative_position_index", relative_position_index(window_size).flatten().to(device),
                              persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def position_bias(self) -> torch.Tensor:
         """[1, heads, A, A] with A = window_size ** 2."""
-        area = self.window_size ** 2
+        area = self.window_size * self.window_size
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(area, area, -1).permute(2, 0, 1).unsqueeze(0)
 
-    def _attend(self, q, k, v, mask=None) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              dropout_p=self.attn_drop if self.training else 0.0)
-
-    def forward_local(self, q, k, v, H: int, W: int) -> torch.Tensor:
-        """Window attention among image tokens [B, heads, H*W, d] -> [B, H*W, heads*d]."""
-        B, nh, _, d = q.shape
-        ws = self.window_size
-        Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
-        gh, gw = Hp // ws, Wp // ws
-
-        def partition(t: torch.Tensor) -> torch.Tensor:
-            t = t.reshape(B, nh, H, W, d)
-            if (Hp, Wp) != (H, W):
-                t = F.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))
-            t = t.view(B, nh, gh, ws, gw, ws, d).permute(0, 2, 4, 1, 3, 5, 6)
-            return t.reshape(B * gh * gw, nh, ws * ws, d)
-
-        mask = self.position_bias().to(q.dtype)
-        if (Hp, Wp) != (H, W):  # mask the padded keys: [gh*gw, 1, 1, A], every window keeps a real key
-            valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
-            valid[:H, :W] = True
-            valid = valid.view(gh, ws, gw, ws).permute(0, 2, 1, 3).reshape(gh * gw, 1, 1, ws * ws)
-            pad = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
-            mask = (mask + pad).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * gh * gw, nh, ws * ws, ws * ws)
-        x = self._attend(partition(q), partition(k), partition(v), mask)  # [B*gh*gw, heads, A, d]
-        x = x.view(B, gh, gw, nh, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, nh * d)
-        return x[:, :H, :W].reshape(B, H * W, nh * d)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         T, nh = self.num_tokens, self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
         q_img, k_img, v_img = q[:, :, T:], k[:, :, T:], v[:, :, T:]
-        x_img = self.forward_local(q_img, k_img, v_img, H, W)
+        x_img = window_attention(q_img, k_img, v_img, self.position_bias().to(q.dtype), H, W, self.window_size,
+                                 self.attn_drop if self.training else 0.0)
         # global aggregation: global queries over all image tokens
         x_glb = self._attend(q[:, :, :T], k_img, v_img).transpose(1, 2).reshape(B, T, C)
         # global broadcast: image queries over the new global tokens
@@ -170,18 +147,58 @@ class LightViTAttention(nn.Module):
         return self.proj(torch.cat([x_glb, x_img], dim=1))
 
 
+@register_notrace_function  # a leaf of torch.fx graphs: the padding depends on the grid size
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, H: int, W: int,
+                     ws: int, dropout_p: float) -> torch.Tensor:
+    """Attention within ws x ws windows among image tokens [B, heads, H*W, d] -> [B, H*W, heads*d], with the
+    relative position `bias` [1, heads, A, A] (A = ws*ws). The grid is zero-padded on the bottom/right to a
+    multiple of ws; the padded keys are masked out (-inf), every window keeps a real key."""
+    B, nh, _, d = q.shape
+    Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
+    gh, gw = Hp // ws, Wp // ws
+    mask = bias
+    if Hp != H or Wp != W:  # mask the padded keys: [gh*gw, 1, 1, A]
+        valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
+        valid[:H, :W] = True
+        valid = valid.view(gh, ws, gw, ws).permute(0, 2, 1, 3).reshape(gh * gw, 1, 1, ws * ws)
+        pad = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+        mask = (bias + pad).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * gh * gw, nh, ws * ws, ws * ws)
+    x = F.scaled_dot_product_attention(_partition(q, H, W, ws), _partition(k, H, W, ws), _partition(v, H, W, ws),
+                                       attn_mask=mask, dropout_p=dropout_p)  # [B*gh*gw, heads, A, d]
+    x = x.view(B, gh, gw, nh, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, nh * d)
+    return x[:, :H, :W].reshape(B, H * W, nh * d)
+
+
+def _partition(t: torch.Tensor, H: int, W: int, ws: int) -> torch.Tensor:
+    """[B, heads, H*W, d] -> [B*windows, heads, ws*ws, d], zero-padding the grid to a multiple of ws."""
+    B, nh, _, d = t.shape
+    Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
+    t = t.reshape(B, nh, H, W, d)
+    if Hp != H or Wp != W:
+        t = F.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))
+    t = t.view(B, nh, Hp // ws, ws, Wp // ws, ws, d).permute(0, 2, 4, 1, 3, 5, 6)
+    return t.reshape(-1, nh, ws * ws, d)
+
+
+@register_notrace_function  # a leaf of torch.fx graphs: the padding depends on the grid size
+def pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] zero-padded by one row / column at the bottom / right where H / W is odd."""
+    return F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+
+
 class BiAttn(nn.Module):
     """Bi-dimensional (channel x spatial) gate of the FFN output."""
 
-    def __init__(self, dim: int, act_ratio: float = 0.25):
+    def __init__(self, dim: int, act_ratio: float = 0.25, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         reduced = int(dim * act_ratio)
-        self.norm = nn.LayerNorm(dim)
-        self.global_reduce = nn.Linear(dim, reduced)
-        self.local_reduce = nn.Linear(dim, reduced)
+        self.norm = nn.LayerNorm(dim, **dd)
+        self.global_reduce = nn.Linear(dim, reduced, **dd)
+        self.local_reduce = nn.Linear(dim, reduced, **dd)
         self.act_fn = nn.GELU()
-        self.channel_select = nn.Linear(reduced, dim)
-        self.spatial_select = nn.Linear(2 * reduced, 1)
+        self.channel_select = nn.Linear(reduced, dim, **dd)
+        self.spatial_select = nn.Linear(2 * reduced, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
@@ -193,12 +210,13 @@ class BiAttn(nn.Module):
 
 
 class BiAttnMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden, **dd)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.attn = BiAttn(dim)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
+        self.attn = BiAttn(dim, **dd)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,38 +226,40 @@ class BiAttnMlp(nn.Module):
 
 class LightViTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_tokens: int, window_size: int = 7, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 device=None, dtype=None):
         super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = partial(nn.LayerNorm, eps=1e-6, **dd)
         self.norm1 = norm_layer(dim)
-        self.attn = LightViTAttention(dim, num_heads, num_tokens, window_size, qkv_bias, attn_drop)
+        self.attn = LightViTAttention(dim, num_heads, num_tokens, window_size, qkv_bias, attn_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = BiAttnMlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = BiAttnMlp(dim, int(dim * mlp_ratio), drop, **dd)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(tokens, grid) -> (tokens, grid), as ResidualMergePatch: a stage is one loop over both kinds."""
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x))), (H, W)
 
 
 class ResidualMergePatch(nn.Module):
     """2x2 patch merge + max-pool residual on the image tokens; LN + Linear on the global tokens."""
 
-    def __init__(self, dim: int, out_dim: int, num_tokens: int):
+    def __init__(self, dim: int, out_dim: int, num_tokens: int, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.num_tokens = num_tokens
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-        self.norm2 = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, out_dim, bias=False)
-        self.res_proj = nn.Linear(dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim, **dd)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.proj = nn.Linear(dim, out_dim, bias=False, **dd)
+        self.res_proj = nn.Linear(dim, out_dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, tuple[int, int]]:
         glb, x = x[:, :self.num_tokens], x[:, self.num_tokens:]
         B, _, C = x.shape
-        x = x.reshape(B, H, W, C)
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = pad_to_even(x.reshape(B, H, W, C))
         Ho, Wo = x.shape[1] // 2, x.shape[2] // 2
         res = self.res_proj(F.max_pool2d(x.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2))
         # neighbour order (0,0), (1,0), (0,1), (1,1) as in the reference (Swin's patch merging)
@@ -249,41 +269,43 @@ class ResidualMergePatch(nn.Module):
 
 
 class LightViT(nn.Module):
-    """LightViT. `patch_size` is the total stride of the conv stem (8 in the paper; 4 or 2 for small inputs)."""
+    """LightViT. `patch_size` is the total stride of the conv stem (8 in the paper; 4 or 2 for small inputs).
+
+    As in the reference, `forward_features` ends with the neck, so its tokens [B, T + h*w, neck_dim] are what
+    the head pools (`num_features` = `head_hidden_size` = neck_dim); `global_pool` 'avg' is the reference's
+    mean over all tokens, '' leaves the tokens unpooled."""
 
     def __init__(self, img_size=None, patch_size: int = 8, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims=(64, 128, 256), depths=(2, 6, 6), num_heads=(2, 4, 8), mlp_ratios=(8, 4, 4),
                  num_tokens: int = 8, window_size: int = 7, neck_dim: int = 1280, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         # img_size is accepted for timm compatibility only: the model takes any input size.
-        if global_pool != "avg":
-            raise ValueError(f"LightViT supports global_pool='avg' only, got {global_pool!r}")
         if not len(embed_dims) == len(depths) == len(num_heads) == len(mlp_ratios):
             raise ValueError("LightViT: embed_dims, depths, num_heads and mlp_ratios need one entry per stage")
-        self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, global_pool
+        self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, _check_pool(global_pool)
         self.patch_size, self.window_size, self.num_tokens = patch_size, window_size, num_tokens
         self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
-        self.num_features = embed_dims[-1]
-        self.head_hidden_size = neck_dim
+        self.num_features = self.head_hidden_size = neck_dim
         self.grad_checkpointing = False
         self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}")
                              for i, dim in enumerate(embed_dims)]
-        self.patch_embed = ConvStem(in_chans, embed_dims[0], patch_size)
-        self.global_token = nn.Parameter(torch.zeros(1, num_tokens, embed_dims[0]))
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.patch_embed = ConvStem(in_chans, embed_dims[0], patch_size, **dd)
+        self.global_token = nn.Parameter(torch.zeros(1, num_tokens, embed_dims[0], **dd))
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear over all blocks
         stages = []
         for i, (dim, depth, heads, ratio) in enumerate(zip(embed_dims, depths, num_heads, mlp_ratios, strict=True)):
-            blocks = [ResidualMergePatch(embed_dims[i - 1], dim, num_tokens)] if i > 0 else []
+            blocks = [ResidualMergePatch(embed_dims[i - 1], dim, num_tokens, **dd)] if i > 0 else []
             start = sum(depths[:i])
             blocks += [LightViTBlock(dim, heads, num_tokens, window_size, ratio, qkv_bias, drop_rate,
-                                     attn_drop_rate, dpr[start + j]) for j in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
-        self.neck = nn.Sequential(nn.Linear(embed_dims[-1], neck_dim), nn.LayerNorm(neck_dim), nn.GELU())
-        self.head = nn.Linear(neck_dim, num_classes) if num_classes > 0 else nn.Identity()
+                                     attn_drop_rate, dpr[start + j], **dd) for j in range(depth)]
+            stages.append(nn.ModuleList(blocks))
+        self.stages = nn.ModuleList(stages)  # blocks take (x, H, W): no Sequential
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6, **dd)
+        self.neck = nn.Sequential(nn.Linear(embed_dims[-1], neck_dim, **dd), nn.LayerNorm(neck_dim, **dd), nn.GELU())
+        self.head = nn.Linear(neck_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.global_token, std=0.02)
         # timm's ViT init: trunc-normal(0.02) Linear weights, zero biases; other modules keep PyTorch's
         # defaults (norms start at 1 / 0, as the reference sets them)
@@ -298,42 +320,48 @@ class LightViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None and global_pool != "avg":
-            raise ValueError(f"LightViT supports global_pool='avg' only, got {global_pool!r}")
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, device=None, dtype=None) -> None:
+        """A new classifier on the model's device and dtype (unless given); `global_pool` None keeps the pooling."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, **get_device_dtype(self, device, dtype))
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, in, H, W] -> [global; image] tokens [B, T + h*w, C] and the grid (h, w)."""
         x, grid = self.patch_embed(x)
         return torch.cat([self.global_token.expand(x.shape[0], -1, -1), x], dim=1), grid
 
-    def _stage(self, stage: nn.Sequential, x: torch.Tensor, grid: tuple[int, int]):
+    @torch.jit.ignore
+    def _stage(self, stage: nn.ModuleList, x: torch.Tensor, grid: tuple[int, int]):
+        """One stage for forward_intermediates; forward_features runs the same loop inline (TorchScript cannot
+        pass a container to a method)."""
         for block in stage:
-            if isinstance(block, ResidualMergePatch):
-                x, grid = block(x, *grid)
-            elif self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, *grid)
-            else:
-                x = block(x, *grid)
+            x, grid = checkpoint(block, x, *grid) if self.grad_checkpointing else block(x, *grid)
         return x, grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, in, H, W] -> normed tokens [B, T + h*w, C] (global tokens first)."""
-        x, grid = self._embed(x)
+        """[B, in, H, W] -> tokens [B, T + h*w, neck_dim] (global tokens first): final norm, then the neck."""
+        x, (H, W) = self._embed(x)
         for stage in self.stages:
-            x, grid = self._stage(stage, x, grid)
-        return self.norm(x)
+            for block in stage:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x, (H, W) = checkpoint(block, x, H, W)
+                else:
+                    x, (H, W) = block(x, H, W)
+        return self.neck(self.norm(x))
 
+    @torch.jit.ignore
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm's backbone API: the image tokens after each stage of `indices` (last n if an int, all if None)
         as [B, C, h, w] ('NCHW') or [B, h, w, C] ('NHWC'); `norm` applies the final norm to the last stage's.
-        Returns the intermediates, or (final [global; image] tokens, intermediates)."""
+        Returns the intermediates, or (the final tokens, as forward_features gives them, intermediates)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"LightViT: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -349,26 +377,36 @@ class LightViT(nn.Module):
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
-        return (self.norm(x) if len(stages) == len(self.embed_dims) else x), intermediates
+        return (self.neck(self.norm(x)) if len(stages) == len(self.stages) else x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one of `indices`; returns the absolute indices."""
+        """Drop the stages after the last one of `indices` (the final norm, sized for the last stage, goes with
+        them), and the neck and classifier with `prune_head`; returns the absolute indices."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_head or prune_end:
             self.neck = nn.Identity()
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
             self.reset_classifier(0)
         return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.neck(x).mean(dim=1)
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"LightViT: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
 
 
 def checkpoint_filter_fn(state_dict: dict, model: LightViT) -> dict:

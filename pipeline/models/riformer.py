@@ -11,8 +11,6 @@ i.e. the token mixer is gone ("identity after norm").
 `token_mixer` picks the mixer of the same backbone: 'pooling' (PoolFormer), 'identity'
 (token-mixer-free, Table 1; also the deploy form) or 'affine' (RIFormer training form).
 """
-from __future__ import annotations
-
 import re
 
 import torch
@@ -123,10 +121,12 @@ class RIFormer(MetaFormer):
             raise ValueError(f"stem_stride must be 4 or 2, got {stem_stride}")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if not self.head_norm_first:
-            return super().forward_head(x, pre_logits)
-        x = self.head.flatten(self.head.global_pool(self.head.norm(x)))
-        x = self.head.drop(x)
+        # written out rather than calling MetaFormer's for the timm head: TorchScript cannot call super()
+        if self.head_norm_first:
+            x = self.head.global_pool(self.head.norm(x))
+        else:
+            x = self.head.norm(self.head.global_pool(x))
+        x = self.head.drop(self.head.flatten(x))
         return x if pre_logits else self.head.fc(x)
 
 
