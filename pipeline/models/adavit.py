@@ -320,6 +320,8 @@ class AdaViT(VisionTransformer):
     `forward` is the masked path and records the decisions of its input in `self.decisions`:
     patch [B, depth, N-1], head [B, depth-1, H], block [B, depth-1, 2] (from the second block on)."""
 
+    decisions: dict[str, torch.Tensor]  # in the class body, where TorchScript reads attribute types
+
     def __init__(self, tau: float = 5.0, head_threshold: float = 0.5, block_threshold: float = 0.5,
                  patch_threshold: float = 0.6, token_mlp: bool = True, detach_mlp_patch_gate: bool = False,
                  train_pos_embed: bool = False, decision_bias: float = 0.0, **kwargs):
@@ -337,7 +339,7 @@ class AdaViT(VisionTransformer):
                 for head in (m.patch_select, m.head_select, m.block_select):
                     if head is not None:
                         nn.init.constant_(head.bias, decision_bias)
-        self.decisions: dict[str, torch.Tensor] = {}
+        self.decisions = {}
 
     def _freeze_pos_embed(self, table: torch.Tensor) -> None:
         """The reference's fixed position embedding (a Parameter with requires_grad=False there) as a buffer,
