@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import random
 import sys
@@ -37,8 +39,8 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.config import TrainConfig, apply_overrides, config_from_dict
 from pipeline.data import Prepared, build_loader, load_prepared, model_transform
-from pipeline.identity import identity_changes, run_identity
-from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
+from pipeline.identity import file_digest, identity_changes, run_identity
+from pipeline.io import atomic_path, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss
 
 
@@ -175,15 +177,65 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict:
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": torch.cat(preds), "label": torch.cat(targets)}
 
 
+# Shared teacher outputs: at most this many bytes of logits per (teacher, batch stream); larger runs (ImageNet)
+# run their teacher in every step.
+CACHE_MAX_BYTES = 1 << 30
+
+
+def cached_teacher_logits(cfg: TrainConfig, teacher: nn.Module, loader, data_hash: str, cache_dir: Path,
+                          device: torch.device, autocast) -> torch.Tensor | None:
+    """The frozen logit teacher's outputs for every training batch of this run, [epochs * steps, B, classes].
+
+    A run's training batches depend only on the data, seed, batch size, image size, augmentation and subset
+    (pipeline.data: the loader draws from its own generator, seeded by (seed, epoch)), and the teacher is frozen,
+    so every student of one seed asks the teacher the same questions. The first run computes the answers, under
+    a lock, in the same batches and thread count as its steps would; the others read them: the same numbers.
+    None (the teacher runs in every step) when the images are mixed (Mixup/CutMix draw from the global RNG) or
+    the outputs would take more than CACHE_MAX_BYTES."""
+    d, epochs, steps = cfg.data, cfg.optim.epochs, len(loader)
+    size = epochs * steps * d.batch_size * teacher.num_classes * 4
+    if d.mixup > 0 or d.cutmix > 0 or size > CACHE_MAX_BYTES:
+        return None
+    key = {"teacher": file_digest(cfg.kd.teacher), "data": data_hash, "seed": cfg.seed, "epochs": epochs,
+           "batch_size": d.batch_size, "img_size": d.img_size, "augment": d.augment, "limit": d.train_limit,
+           "threads": torch.get_num_threads(), "device": str(device), "amp": cfg.amp, "torch": str(torch.__version__)}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir / "teacher-logits" / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a run of the same seed computing them: wait for it
+        if path.exists():
+            with contextlib.suppress(Exception):  # a broken file is recomputed, never used
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if cached["key"] == key and cached["logits"].shape[:2] == (epochs * steps, d.batch_size):
+                    return cached["logits"]
+        logits = []
+        with torch.no_grad():
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                for images, _ in loader:
+                    images = images.to(device, non_blocking=True)
+                    if device.type == "cuda" and cfg.amp:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with autocast():
+                        logits.append(teacher(images).float().cpu())
+        logits = torch.stack(logits)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save({"key": key, "logits": logits}, f)
+        return logits
+
+
 @dataclass
 class Objective:
-    """One training step's loss terms: CE and logit distillation (DeiT), AdaViT's usage loss, module imitation."""
+    """One training step's loss terms: CE and logit distillation (DeiT), AdaViT's usage loss, module imitation.
+    `kd_logits`: the KD teacher's outputs for every step (cached_teacher_logits), used instead of running it."""
     criterion: DistillationLoss
     kd_teacher: nn.Module | None = None
     mi_teacher: nn.Module | None = None
     mixup: Mixup | None = None
     usage: UsageLoss | None = None
     imitation: ModuleImitation | None = None
+    kd_logits: torch.Tensor | None = None
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: int):
         """(student logits, {term: weighted loss}) for one batch at optimizer step `step` (0-based)."""
@@ -192,10 +244,14 @@ class Objective:
             images, targets = self.mixup(images, labels)
         teacher_logits = None
         with torch.no_grad():
-            if self.kd_teacher is not None:
+            if self.kd_logits is not None:
+                teacher_logits = self.kd_logits[step].to(images.device)
+            elif self.kd_teacher is not None:
                 teacher_logits = self.kd_teacher(images).float()
-            if self.mi_teacher is not None and self.mi_teacher is not self.kd_teacher:
-                self.mi_teacher(images)  # its hooks keep the block outputs module imitation reads
+            imitating = self.imitation is not None and any(self.imitation.active(step).values())
+            if imitating and self.mi_teacher is not self.kd_teacher:
+                self.mi_teacher(images)  # its hooks keep the block outputs module imitation reads; it stops
+                # once the imitation windows have closed (eval mode, no RNG: nothing else changes)
         logits = model(images)
         terms = self.criterion(logits.float(), targets, teacher_logits)
         if self.usage is not None:
@@ -259,11 +315,13 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, obje
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", progress: bool = True,
-          profile: str | None = None) -> dict:
+          profile: str | None = None, cache_dir: str | Path | None = None) -> dict:
+    """Train one run into `out_dir`. `cache_dir`: where runs share their KD teacher's outputs
+    (cached_teacher_logits); None runs the teacher in every step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(out_dir, cfg.name):
-        return _train(cfg, out_dir, experiment, progress, profile)
+        return _train(cfg, out_dir, experiment, progress, profile, None if cache_dir is None else Path(cache_dir))
 
 
 @contextlib.contextmanager
@@ -278,7 +336,8 @@ def run_lock(out_dir: Path, name: str):
         yield
 
 
-def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None) -> dict:
+def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None,
+           cache_dir: Path | None) -> dict:
     torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -334,6 +393,9 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     if mi_on:
         objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * len(train_loader))
         init_log["mi_blocks"] = objective.imitation.blocks
+    if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher:
+        objective.kd_logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir,
+                                                    device, autocast)
 
     # resume only a checkpoint trained from the same inputs
     identity = run_identity(cfg, prepared.data_hash)
@@ -441,13 +503,14 @@ def run(args: argparse.Namespace) -> dict:
         from pipeline.study import run_config
         cfg = run_config(args.profile, args.run, overrides=args.set, threads=args.threads)
         out = args.out or f"results/{args.profile}/runs/{args.run}"
+        cache = None if args.no_cache else f"results/{args.profile}/cache"
     else:
         cfg = load_config(args.config, args.set + ([f"threads={args.threads}"] if args.threads else []))
-        out = args.out
+        out, cache = args.out, None
         if not out:
             raise SystemExit("train: --out is needed with --config")
     metrics = train(cfg, out, experiment=args.experiment or tracking.experiment_name(args.profile),
-                    progress=not args.no_progress, profile=args.profile)
+                    progress=not args.no_progress, profile=args.profile, cache_dir=cache)
     print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}")
     return metrics
 
@@ -462,4 +525,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment (default riformer-<profile>)")
     p.add_argument("--out", help="run folder (default results/<profile>/runs/<name>)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the KD teacher in every step instead of sharing its outputs across the study's runs")
 

@@ -15,6 +15,7 @@ from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
 import pipeline.models  # noqa: F401
+import pipeline.train
 from pipeline.io import save_checkpoint
 from pipeline.train import NonFiniteLossError, init_from_file, partial_load, train
 
@@ -138,7 +139,7 @@ def test_partial_loading_copies_every_key_but_the_affine():
         partial_load(student, wide.state_dict())
 
 
-def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path):
+def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path, monkeypatch):
     """Soft KD without labels from a GFNet, module imitation of a PoolFormer, partial init (the final recipe)."""
     for name, model in (("gfnet", "gfnet_nano"), ("pool", "poolformer_nano")):
         cfg = tiny_config(small_fashion_mnist, name=name, role="teacher", model=model, data__train_limit=100)
@@ -148,6 +149,16 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path)
                       kd={"type": "soft", "labels": False, "teacher": str(tmp_path / "gfnet" / "model.pt")},
                       mi={"teacher": str(tmp_path / "pool" / "model.pt"), "lambda_in": 1e-4, "lambda_out": 1e-3,
                           "lambda_rel": 1.0, "feat_frac": 0.5, "rel_frac": 0.25})
+    mi_calls = []
+    load_teacher = pipeline.train.load_teacher
+
+    def counting(path, device, prepared, role):  # counts the imitation teacher's forward passes
+        model = load_teacher(path, device, prepared, role)
+        if role == "mi.teacher":
+            model.register_forward_pre_hook(lambda *_: mi_calls.append(1))
+        return model
+
+    monkeypatch.setattr(pipeline.train, "load_teacher", counting)
     train(cfg, tmp_path / "final", experiment="test-train", progress=False)
     history = json.loads((tmp_path / "final" / "history.json").read_text())
     first, second = history
@@ -155,6 +166,30 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path)
     for term in ("train/kd_soft", "train/mi_in", "train/mi_out", "train/mi_rel"):
         assert first[term] > 0, term
     assert "train/mi_rel" not in second and "train/mi_in" not in second  # windows closed in epoch 2
+    steps = 2 * (500 // 50)  # 2 epochs of the 500-image fixture in batches of 50
+    assert len(mi_calls) == round(0.5 * steps)  # the imitation teacher stops when its windows close
+
+    # The KD teacher's outputs shared through the cache: the first run computes them, the second reads them;
+    # both train exactly as the run that ran the teacher in every step.
+    def same(run):
+        h = json.loads((tmp_path / run / "history.json").read_text())
+        timing = ("epoch_time_s", "train/images_per_s")
+        assert [{k: v for k, v in r.items() if k not in timing} for r in h] == \
+               [{k: v for k, v in r.items() if k not in timing} for r in history]
+        a, b = (torch.load(tmp_path / r / "model.pt", weights_only=False)["state_dict"] for r in (run, "final"))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+    for run in ("cached-first", "cached-second"):
+        train(cfg, tmp_path / run, experiment="test-train", progress=False, cache_dir=tmp_path / "cache")
+        same(run)
+    (cached,) = (tmp_path / "cache" / "teacher-logits").glob("*.pt")
+    logits = torch.load(cached, weights_only=True)["logits"]
+    assert logits.shape == (steps, 50, 10)
+    # the cache is what the teacher says about the run's batches, so a corrupted one would change the run
+    torch.save({"key": torch.load(cached, weights_only=True)["key"], "logits": torch.zeros_like(logits)}, cached)
+    train(cfg, tmp_path / "poisoned", experiment="test-train", progress=False, cache_dir=tmp_path / "cache")
+    h = json.loads((tmp_path / "poisoned" / "history.json").read_text())
+    assert h[0]["train/kd_soft"] != history[0]["train/kd_soft"]
 
 
 def _train_logged(cfg, out, capsys):
