@@ -15,6 +15,7 @@ STAGES = {
     "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
     "evaluate": ("pipeline.evaluate", "test accuracy, params and MACs of a run's deploy model"),
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
+    "bench-train": ("pipeline.bench_train", "training images/s, FLOPs per image and share of matmul peak per model"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
     "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),
     "publish": ("pipeline.publish", "copy the fresh report to reports/<profile>/, the committed reference"),

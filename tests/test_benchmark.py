@@ -60,3 +60,24 @@ def test_latency_breakdown_json_fields(tmp_path):
     main(["latency-breakdown", "--batch-size", "1", "--img-size", "32", "--repeats", "1", "--warmup", "0",
           "--out", str(tmp_path / "lat.json")])
     assert json.loads((tmp_path / "lat.json").read_text())["depth"] == 12
+
+
+def test_bench_train_measures_every_trained_architecture_once(tmp_path):
+    """bench-train: one row per distinct architecture of the profile, training FLOPs about 3x the forward's
+    (the backward pass computes two products per forward one), a share of the measured GEMM rate."""
+    from pipeline.bench_train import bench_train
+    from pipeline.benchmark import count_macs
+    from pipeline.study import load_study
+
+    study = load_study("smoke", check_data=False)
+    result = bench_train(study, threads=1, batch_size=8, warmup=1, repeats=1, iters=1, progress=False)
+    rows = result["models"]
+    # affine is riformer_nano's default mixer: the plain and the explicit one are the same architecture
+    (affine,) = {"riformer_nano", "riformer_nano token_mixer=affine"} & set(rows)
+    kinds = {"gfnet_nano", "lightvit_nano", "deit_nano", "ada_deit_nano", "riformer_nano token_mixer=pooling"}
+    assert kinds <= set(rows)
+    forward = 2 * count_macs(timm.create_model("riformer_nano", num_classes=10, in_chans=1), (1, 32, 32))
+    assert 2.0 < rows[affine]["train_flops_per_image"] / forward < 3.2
+    assert result["matmul_flops_per_s"]["median"] > 1e9
+    for row in rows.values():
+        assert row["train_images_per_s"]["median"] > 0 and 0 < row["fraction_of_matmul"]["median"] < 1
