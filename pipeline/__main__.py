@@ -17,6 +17,7 @@ STAGES = {
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "bench-train": ("pipeline.bench_train", "training images/s, FLOPs per image and share of matmul peak per model"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
+    "sensitivity": ("pipeline.sensitivity", "T1 (identity - pooling) with its interval at several training budgets"),
     "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),
     "publish": ("pipeline.publish", "copy the fresh report to reports/<profile>/, the committed reference"),
     "compare": ("pipeline.publish", "is the fresh report the committed reference's, within its intervals?"),

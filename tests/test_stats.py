@@ -58,3 +58,21 @@ def test_a_contrast_uses_the_seeds_all_its_variants_have():
     assert table.shape == (1, 4) and table.sum() == 4
     with pytest.raises(ValueError, match="share no seed"):
         paired_table([{1: ones}], [{0: zeros}])
+
+
+def test_sensitivity_trains_t1_and_reads_a_finished_configuration_back(tmp_path, monkeypatch):
+    """`python -m pipeline sensitivity` on the smoke profile: T1's two variants at two seeds, the T1 interval
+    computed as the report computes it (paired by seed and image), and a finished configuration not retrained."""
+    from pipeline import sensitivity
+
+    monkeypatch.chdir(tmp_path)
+    r = sensitivity.configuration("smoke", "300x1", 300, 1, [0, 1], jobs=2)
+    root = tmp_path / "results" / "sensitivity" / "smoke" / "300x1"
+    assert sorted(p.name for p in (root / "runs").iterdir()) == [
+        "identity-ce", "identity-ce-seed1", "pooling-ce", "pooling-ce-seed1"]
+    assert set(r["top1"]) == {"pooling-ce", "identity-ce"} and r["t1"]["low"] <= r["t1"]["mean"] <= r["t1"]["high"]
+    # the same number from the per-seed accuracies: the interval's centre is the mean paired difference
+    diff = [r["top1"]["identity-ce"][s] - r["top1"]["pooling-ce"][s] for s in ("0", "1")]
+    assert abs(r["t1"]["mean"] - sum(diff) / 2) < 1e-9
+    (root / "runs" / "identity-ce" / "model.pt").unlink()  # read back from result.json: nothing retrained
+    assert sensitivity.configuration("smoke", "300x1", 300, 1, [0, 1]) == r
