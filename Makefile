@@ -44,7 +44,7 @@ $(TIMM_SUITE): pyproject.toml | $(STAMP)
 	touch $@
 
 test: setup $(TIMM_SUITE)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 	PYTHONPATH=tests $(PY) -m pytest -q -p timm_contract -p no:cacheprovider \
 	  -W ignore::pytest.PytestUnknownMarkWarning $(TIMM_SUITE)
 
