@@ -102,7 +102,8 @@ class TrainConfig:
     deterministic: bool = True
     threads: int = 2
     device: str = "auto"                 # auto | cpu | cuda
-    amp: bool = True                     # on CUDA only: bf16 autocast and channels_last
+    amp: bool = True                     # on CUDA only: bf16 autocast
+    channels_last: bool = True           # NHWC memory format for the models and their batches, on any device
     eval_every: int = 1
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)

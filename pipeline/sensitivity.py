@@ -44,7 +44,8 @@ def _correct(study, run: str):
 
     ckpt = load_checkpoint(study.model_path(run))
     loader = build_loader(load_prepared(study.data_dir), "test", 500, ckpt["config"]["img_size"], train=False)
-    acc = evaluate(model_from_checkpoint(ckpt), loader, torch.device("cpu"), nullcontext)
+    model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)  # as the evaluate stage
+    acc = evaluate(model, loader, torch.device("cpu"), nullcontext, torch.channels_last)
     return (acc["pred"] == acc["label"]).numpy().astype(float)
 
 

@@ -152,8 +152,8 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path,
     mi_calls = []
     load_teacher = pipeline.train.load_teacher
 
-    def counting(path, device, prepared, role):  # counts the imitation teacher's forward passes
-        model = load_teacher(path, device, prepared, role)
+    def counting(path, device, prepared, role, *fmt):  # counts the imitation teacher's forward passes
+        model = load_teacher(path, device, prepared, role, *fmt)
         if role == "mi.teacher":
             model.register_forward_pre_hook(lambda *_: mi_calls.append(1))
         return model
@@ -274,3 +274,23 @@ def test_affine_weight_decay_policy(decay):
     assert len(affine) == 12 and all((id(named[n]) in decayed) == decay for n in affine)
     assert id(named["stages.0.blocks.0.mlp.fc1.weight"]) in decayed
     assert id(named["stages.0.blocks.0.norm1.weight"]) not in decayed
+
+
+@pytest.mark.parametrize("name,kwargs", [("riformer_nano", {"token_mixer": "pooling"}), ("riformer_nano", {}),
+                                         ("gfnet_nano", {"img_size": 32}), ("lightvit_nano", {})])
+def test_channels_last_changes_only_rounding(name, kwargs):
+    """Training and evaluation run the models in NHWC memory format (faster on CPU too): the same function, the
+    outputs and gradients within float32 rounding of the default format's."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, in_chans=1, **kwargs).eval()
+    x = torch.randn(8, 1, 32, 32)
+    ref = model(x)
+    ref.logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    out.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)

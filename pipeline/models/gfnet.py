@@ -77,7 +77,8 @@ class GlobalFilter(nn.Module):
         H, W = x.shape[1], x.shape[2]
         dtype = x.dtype
         x = torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho")
-        x = x * torch.view_as_complex(self.complex_weight.float())  # the FFT runs in float32 for any dtype
+        # float32 for the FFT at any dtype; contiguous also after model.to(memory_format=torch.channels_last)
+        x = x * torch.view_as_complex(self.complex_weight.float().contiguous())
         x = torch.fft.irfft2(x, s=(H, W), dim=(1, 2), norm="ortho")
         return x.to(dtype)
 
