@@ -1,12 +1,13 @@
 """`python -m pipeline bench-train`: how fast each model kind of a study trains, and how far from the machine's limit.
 
-For every distinct architecture the profile trains (its first seed's runs), at the profile's image size, batch
-size and thread count: training images/s of plain steps (forward, cross-entropy, backward, AdamW; no teacher, no
-data loading), the training FLOPs per image (FlopCounterMode over the forward and the backward pass: convolutions,
-matmuls, attention, GFNet's FFTs; element-wise work not counted), and the fraction of the machine's matmul FLOP/s
-those images/s reach. The matmul reference is a float32 GEMM (n = 1024) at the same thread count, measured in the
-same interleaved rounds as the models, so that all of them see the same machine state (pipeline.benchmark's
-protocol: each entry's median over rounds, with min and max). This is the number a training speed-up is judged by.
+For every distinct architecture the profile trains (its first seed's runs), at the profile's image size, batch size,
+thread count and memory format: training images/s of plain steps (forward, cross-entropy, backward, AdamW; no
+teacher, no data loading), the training FLOPs per image (FlopCounterMode over the forward and the backward pass:
+convolutions, matmuls, attention, GFNet's FFTs; element-wise work not counted), and the fraction of the machine's
+matmul FLOP/s those images/s reach. The matmul reference is a float32 GEMM (n = 1024) at the same thread count,
+measured in the same interleaved rounds as the models, so that all of them see the same machine state
+(pipeline.benchmark's protocol: each entry's median over rounds, with min and max). This is the number a training
+speed-up is judged by.
 """
 from __future__ import annotations
 
@@ -86,8 +87,11 @@ def bench_train(study, threads: int, batch_size: int, warmup: int = 2, repeats: 
         meta = load_prepared(study.data_dir).meta
     shape = (meta["in_chans"], d["img_size"], d["img_size"])
     torch.manual_seed(0)
-    images, labels = torch.randn(batch_size, *shape), torch.randint(0, meta["num_classes"], (batch_size,))
-    steps = {label: Step(model, images, labels)
+    # the memory format the profile's training uses (pipeline.train: channels_last by default)
+    fmt = torch.channels_last if study.settings["train"].get("channels_last", True) else torch.contiguous_format
+    images = torch.randn(batch_size, *shape).contiguous(memory_format=fmt)
+    labels = torch.randint(0, meta["num_classes"], (batch_size,))
+    steps = {label: Step(model.to(memory_format=fmt), images, labels)
              for label, model in study_models(study, meta["num_classes"], meta["in_chans"]).items()}
     flops = {label: step.flops_per_image() for label, step in steps.items()}
     work, gemm_flops = gemm()
@@ -113,7 +117,8 @@ def bench_train(study, threads: int, batch_size: int, warmup: int = 2, repeats: 
                        "fraction_of_matmul": summarize([ips * flops[label] / p for ips, p in zip(per_round, peak,
                                                                                                   strict=True)])}
     return {"profile": study.profile, "device_name": device_name(torch.device("cpu")), "threads": threads,
-            "batch_size": batch_size, "input_shape": list(shape), "warmup": warmup, "repeats": repeats,
+            "batch_size": batch_size, "input_shape": list(shape), "channels_last": fmt == torch.channels_last,
+            "warmup": warmup, "repeats": repeats,
             "iters_per_repeat": iters, "torch": torch.__version__, "timm": timm.__version__,
             "matmul_flops_per_s": summarize(peak), "models": rows}
 

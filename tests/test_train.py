@@ -168,6 +168,13 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path,
     assert "train/mi_rel" not in second and "train/mi_in" not in second  # windows closed in epoch 2
     steps = 2 * (500 // 50)  # 2 epochs of the 500-image fixture in batches of 50
     assert len(mi_calls) == round(0.5 * steps)  # the imitation teacher stops when its windows close
+    # ... which changes nothing else: its forward pass (eval mode) reads no random number
+    teacher = load_teacher(str(tmp_path / "pool" / "model.pt"), torch.device("cpu"),
+                           pipeline.train.load_prepared(small_fashion_mnist), "mi.teacher")
+    x = torch.randn(4, 1, 32, 32)
+    state = torch.get_rng_state()
+    teacher(x)
+    assert torch.equal(state, torch.get_rng_state())
 
     # The KD teacher's outputs shared through the cache: the first run computes them, the second reads them;
     # both train exactly as the run that ran the teacher in every step.
