@@ -359,12 +359,16 @@ class AdaViT(VisionTransformer):
         if fixed and isinstance(self.pos_embed, nn.Parameter):
             self._freeze_pos_embed(self.pos_embed)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> [CLS; patch] tokens with the position embedding, before the blocks."""
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
     @torch.jit.ignore
     def _run_blocks(self, x: torch.Tensor, fast: bool = False, take=(), stop: int | None = None,
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Embed x and run the blocks (the first `stop`; None: all), recording their decisions in
         `self.decisions`; returns the last output (before the final norm) and the outputs of the blocks `take`."""
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x = self._embed(x)
         per_block, taken = [], []
         for i, blk in enumerate(self.blocks if stop is None else self.blocks[:stop]):
             if fast:
@@ -383,7 +387,7 @@ class AdaViT(VisionTransformer):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # the same masked path; the decisions are not recorded
-            x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+            x = self._embed(x)
             for blk in self.blocks:
                 x, _ = blk(x)
             return self.norm(x)
