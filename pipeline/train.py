@@ -502,25 +502,46 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.run:
-        from pipeline.study import run_config
-        cfg = run_config(args.profile, args.run, overrides=args.set, threads=args.threads)
-        out = args.out or f"results/{args.profile}/runs/{args.run}"
-        cache = None if args.no_cache else f"results/{args.profile}/cache"
-    else:
+    if not args.run:
         cfg = load_config(args.config, args.set + ([f"threads={args.threads}"] if args.threads else []))
-        out, cache = args.out, None
-        if not out:
+        if not args.out:
             raise SystemExit("train: --out is needed with --config")
+        return _train_and_report(cfg, args, args.out, None)
+    if args.out and len(args.run) > 1:
+        raise SystemExit("train: --out takes one --run")
+    # Several runs: one after another in this process (a Snakemake / DVC job of the study's train_batches). A run
+    # that fails does not stop the others; the job fails at the end, naming it. Each run is what it would be alone.
+    from pipeline.study import load_study
+    study = load_study(args.profile, check_data=False)
+    results, failed = {}, {}
+    for name in args.run:
+        cfg = study.run_config(name, overrides=args.set, threads=args.threads)
+        out = args.out or study.run_dir(name)
+        try:
+            results[name] = _train_and_report(cfg, args, out, None if args.no_cache else study.results / "cache")
+        except Exception as e:
+            if len(args.run) == 1:
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"[{name}] FAILED: {failed[name]}", flush=True)
+    if failed:
+        raise SystemExit(f"train: {len(failed)} of {len(args.run)} runs failed: "
+                         + "; ".join(f"{k} ({v.splitlines()[0][:300]})" for k, v in failed.items()))
+    return results[args.run[0]] if len(args.run) == 1 else results
+
+
+def _train_and_report(cfg: TrainConfig, args: argparse.Namespace, out, cache) -> dict:
     metrics = train(cfg, out, experiment=args.experiment or tracking.experiment_name(args.profile),
                     progress=not args.no_progress, profile=args.profile, cache_dir=cache)
-    print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}")
+    print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}", flush=True)
     return metrics
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default", help="params/ profile (smoke | default | paper)")
-    p.add_argument("--run", help="a teacher or student variant name from the study grid in params/")
+    p.add_argument("--run", nargs="+", metavar="RUN",
+                   help="teacher or student run names from the study grid in params/ (several: trained one after "
+                        "another in this process)")
     p.add_argument("--config", help="a YAML training config (instead of --run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.epochs=2 --set kd.tau=2.0")

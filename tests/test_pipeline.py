@@ -62,6 +62,15 @@ def planned_jobs(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.M) if m.group(1) != "total"}
 
 
+def student_jobs(jobs: dict[str, int]) -> dict[str, int]:
+    """The planned student training jobs (rules train_<job> of study.train_batches), by rule name."""
+    return {k: v for k, v in jobs.items() if k.startswith("train_") and k != "train_teacher"}
+
+
+def job_rule(study, run: str) -> str:
+    return "train_" + next(b for b, runs in study.train_batches.items() if run in runs).replace("-", "_")
+
+
 def set_params(root: Path, rel: str, update) -> None:
     path = root / rel
     data = yaml.safe_load(path.read_text()) or {}
@@ -76,7 +85,9 @@ def test_a_fresh_clone_plans_every_training_job(tmp_path):
     assert (ws / "reports/default/README.md").is_file() and not (ws / "results").exists()
     study = load_study("default", check_data=False)
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2"))
-    assert jobs["train_student"] == len(study.student_runs) and jobs["train_teacher"] == len(study.teacher_runs)
+    assert len(study.train_batches) < len(study.student_runs)  # the default profile batches its runs
+    assert student_jobs(jobs) == {job_rule(study, runs[0]): 1 for runs in study.train_batches.values()}
+    assert jobs["train_teacher"] == len(study.teacher_runs)
     assert jobs["prepare_data"] == jobs["evaluate"] == jobs["report"] == 1
 
 
@@ -129,13 +140,14 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
     out = sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
     jobs = planned_jobs(out)
-    assert jobs == {"train_student": 1, "evaluate": 1, "report": 1, "all": 1}, out[-3000:]
+    assert jobs == {job_rule(study, "identity-label-hard"): 1, "evaluate": 1, "report": 1, "all": 1}, out[-3000:]
     subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
     # a changed teacher reruns it and exactly its students (and the ones that read them)
     students = [r for r in study.student_runs if "gfnet" in study.references(r)]
     set_params(ws, "params/smoke.yaml", lambda d: d["runs"].update(gfnet={"optim": {"lr": 1.0e-3}}))
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
-    assert jobs["train_teacher"] == 1 and jobs["train_student"] == len(students) and "prepare_data" not in jobs
+    assert jobs["train_teacher"] == 1 and "prepare_data" not in jobs
+    assert student_jobs(jobs) == {job_rule(study, r): 1 for r in students}
     subprocess.run(["git", "checkout", "params/smoke.yaml"], cwd=ws, check=True)
     before = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.runs}
 
@@ -152,22 +164,36 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     assert "test_top1" in sh(ws, "dvc", "metrics", "show")
     set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
     changed = sh(ws, "dvc", "status")
-    assert "train-distill@identity-label-hard" in changed
-    assert "train-distill@identity-label-soft" not in changed and "train-teacher@gfnet" not in changed
+    stage = job_rule(study, "identity-label-hard").replace("train_", "train-").replace("_", "-")
+    assert f"{stage}:" in changed and "train-teacher@gfnet" not in changed
+    assert not [b for b in study.train_batches if f"train-{b}:" in changed and f"train-{b}" != stage]
     subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
 
     # Retrained for real: the changed teacher's student starts over (it does not resume its finished checkpoint)
     set_params(ws, "params/smoke.yaml", lambda d: d["runs"].update(gfnet={"optim": {"lr": 1.0e-3}}))
-    sh(ws, "snakemake", "--cores", "2", str(study.model_path("identity-label-soft")), "--config", "profile=smoke")
-    log = (ws / "logs/smoke/train/identity-label-soft.log").read_text()
+    sh(ws, "snakemake", "--cores", "2", str(study.model_path("affine-label-soft")), "--config", "profile=smoke")
+    log = run_lines(ws, study, "affine-label-soft")
     assert "not resuming" in log and "kd.teacher file" in log and "resuming after" not in log
+    # the runs of its job that read no changed input resume their finished checkpoint (trained once, not twice)
+    job = next(runs for runs in study.train_batches.values() if "affine-label-soft" in runs)
+    unchanged = [r for r in job if "gfnet" not in study.references(r)]
+    assert unchanged  # affine-pbig-nolabel-soft, affine-lightvit-nolabel-soft, adavit
+    for run in unchanged:
+        assert "resuming after epoch 1 of 1" in run_lines(ws, study, run), run
     # and a changed dataset retrains every run, here one of them
     set_params(ws, "params/smoke.yaml", lambda d: d["data"].update(train_subset=320))
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke"))
-    assert jobs["prepare_data"] == 1 and jobs["train_student"] == len(study.student_runs)
+    assert jobs["prepare_data"] == 1 and sum(student_jobs(jobs).values()) == len(study.train_batches)
     sh(ws, "snakemake", "--cores", "2", str(study.model_path("pooling-ce")), "--config", "profile=smoke")
-    log = (ws / "logs/smoke/train/pooling-ce.log").read_text()
+    log = run_lines(ws, study, "pooling-ce")
     assert "not resuming" in log and "prepared data" in log and "resuming after" not in log
+
+
+def run_lines(ws: Path, study, run: str) -> str:
+    """What a run printed in its training job's log."""
+    job = next(b for b, runs in study.train_batches.items() if run in runs)
+    log = (ws / f"logs/{study.profile}/train/{job}.log").read_text()
+    return "".join(line for line in log.splitlines(True) if line.startswith(f"[{run}]"))
 
 
 # The README's "Run it on your own image folder" profile, at test size.
@@ -204,7 +230,7 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     (ws / "params/mine.yaml").write_text(USER_PROFILE.format(root=data))
     mine = load_study("mine", params=ws / "params")
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=mine"))
-    assert jobs["train_student"] == len(mine.student_runs) and jobs["report"] == 1
+    assert sum(student_jobs(jobs).values()) == len(mine.student_runs) and jobs["report"] == 1  # a job per run
     set_params(ws, "params.yaml", lambda d: d.update(profile="mine"))
     sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "mine")  # its seeds differ from default's
     plan = sh(ws, "dvc", "repro", "--dry", "--force")
@@ -212,8 +238,8 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
 
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "16", "--config", "profile=paper", f"data_root={data}"))
     study = load_study("paper", check_data=False)
-    assert jobs["train_student"] == len(study.student_runs) and jobs["train_teacher"] == len(study.teacher_runs)
-    assert jobs["report"] == 1
+    assert sum(student_jobs(jobs).values()) == len(study.student_runs) == len(study.train_batches)
+    assert jobs["train_teacher"] == len(study.teacher_runs) and jobs["report"] == 1
     set_params(ws, "params.yaml", lambda d: d.update(profile="paper"))
     set_params(ws, "params/paper.yaml", lambda d: d["data"].update(root=str(data)))
     sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "paper")

@@ -45,6 +45,27 @@ def test_the_grid_resolves():
     assert paper.run_config("gfnet").model == "gfnet_h_b"
 
 
+@pytest.mark.parametrize("profile,runs_per_job", [("default", None), ("smoke", None), ("paper", None),
+                                                  ("default", 1), ("default", 4), ("default", 100)])
+def test_training_jobs_partition_the_students_in_dependency_order(profile, runs_per_job):
+    overrides = {"train": {"runs_per_job": runs_per_job}} if runs_per_job else None
+    study = load_study(profile, check_data=False, overrides=overrides)
+    n = study.settings["train"]["runs_per_job"]
+    jobs = list(study.train_batches.values())
+    assert sorted(r for job in jobs for r in job) == sorted(study.student_runs)  # each student once
+    job_of = {r: i for i, job in enumerate(jobs) for r in job}
+    for i, job in enumerate(jobs):
+        assert 1 <= len(job) <= n
+        assert len({study.run_config(r).seed for r in job}) == 1
+        for run in job:  # what a run reads is a teacher or comes from an earlier job, never its own or a later one
+            assert all(ref in study.teachers or job_of[ref] < i for ref in study.references(run)), run
+    if n == 1:
+        assert list(study.train_batches) == [job[0] for job in jobs]  # a job per run, named by it
+    # no config of a run depends on how runs are grouped into jobs
+    plain = load_study(profile, check_data=False, overrides={"train": {"runs_per_job": 1}})
+    assert all(study.run_config(r).to_dict() == plain.run_config(r).to_dict() for r in study.runs)
+
+
 @pytest.mark.parametrize("case,update,message", [
     ("unknown model", lambda d: d.setdefault("models", {}).update(student={"name": "riformer_huge"}),
      "models.student: unknown model 'riformer_huge'"),

@@ -1,4 +1,5 @@
 """The training engine: learning, reproducibility, resume after SIGKILL, MLflow, teachers, partial loading."""
+import argparse
 import json
 import os
 import signal
@@ -89,6 +90,44 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_fashion_mni
     h_full = json.loads((tmp_path / "full" / "history.json").read_text())
     h_again = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert [r["train/loss"] for r in h_again] == [r["train/loss"] for r in h_full]
+
+
+def test_a_run_trained_after_others_in_one_process_is_the_run_trained_alone(small_fashion_mnist, tmp_path):
+    """A training job of several runs (study.train_batches) trains each one as a process of its own would, bit for
+    bit: nothing of an earlier run (RNG, threads, hooks, caches) leaks into the next."""
+    cfg = tiny_config(small_fashion_mnist, name="alone", model_kwargs={"drop_path_rate": 0.1}, data__batch_size=25)
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    subprocess.run(_train_cmd(config_path, tmp_path / "alone"), check=True, cwd=REPO, capture_output=True)
+    teacher = tmp_path / "teacher"
+    train(tiny_config(small_fashion_mnist, name="teacher", seed=5), teacher, experiment="test-batch", progress=False)
+    train(tiny_config(small_fashion_mnist, name="student", model="riformer_nano", seed=7, kd__type="soft",
+                      kd__teacher=str(teacher / "model.pt"), mi__teacher=str(teacher / "model.pt"),
+                      mi__lambda_out=1.0), tmp_path / "student", experiment="test-batch", progress=False)
+    train(cfg, tmp_path / "after", experiment="test-batch", progress=False)
+    alone = torch.load(tmp_path / "alone" / "model.pt", weights_only=True)["state_dict"]
+    after = torch.load(tmp_path / "after" / "model.pt", weights_only=True)["state_dict"]
+    assert alone.keys() == after.keys() and all(torch.equal(alone[k], after[k]) for k in alone)
+    h_alone, h_after = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("alone", "after"))
+    assert [r["train/loss"] for r in h_after] == [r["train/loss"] for r in h_alone]
+
+
+def test_a_failed_run_of_a_job_does_not_stop_the_others(monkeypatch, capsys):
+    calls = []
+
+    def fake_train(cfg, out, **kwargs):
+        calls.append(cfg.name)
+        if cfg.name == "identity-ce":
+            raise ValueError("bad things")
+        return {"test_top1": 50.0, "test_top5": 90.0}
+
+    monkeypatch.setattr(pipeline.train, "train", fake_train)
+    args = argparse.Namespace(profile="smoke", run=["pooling-ce", "identity-ce", "affine-label-nokd"], set=[],
+                              threads=1, config=None, out=None, experiment=None, no_progress=True, no_cache=False)
+    with pytest.raises(SystemExit, match=r"1 of 3 runs failed: identity-ce \(ValueError: bad things\)"):
+        pipeline.train.run(args)
+    assert calls == args.run  # the run after the failed one was trained too
+    assert "[affine-label-nokd] done" in capsys.readouterr().out
 
 
 def test_non_finite_loss_fails_the_run(small_fashion_mnist, tmp_path, mlflow_store, monkeypatch):

@@ -27,16 +27,12 @@ wildcard_constraints:
     run="[A-Za-z0-9_.-]+",
 
 
-def run_config_json(wildcards):
+def run_config_json(run):
     """The resolved config of a run: Snakemake reruns a job whose params changed, and only that job (which
     tables show the run is not part of it)."""
-    config = STUDY.run_config(wildcards.run).to_dict()
+    config = STUDY.run_config(run).to_dict()
     config.pop("tables")
     return json.dumps(config, sort_keys=True)
-
-
-def teacher_models(wildcards):
-    return [str(STUDY.model_path(ref)) for ref in STUDY.references(wildcards.run)]
 
 
 def start_mlflow_session():

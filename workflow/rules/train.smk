@@ -33,7 +33,7 @@ rule train_teacher:
         run="|".join(STUDY.teacher_runs),
     params:
         profile=PROFILE,
-        config=run_config_json,
+        config=lambda wildcards: run_config_json(wildcards.run),
     threads: STUDY.settings["train"]["threads"]
     resources:
         mem_mb=4000,
@@ -42,27 +42,34 @@ rule train_teacher:
         "--no-progress > {log} 2>&1"
 
 
-rule train_student:
-    input:
-        code=STAGE_CODE["train"],
-        data=f"{R}/data",
-        teachers=teacher_models,
-    output:
-        model=f"{R}/runs/{{run}}/model.pt",
-        metrics=f"{R}/runs/{{run}}/metrics.json",
-        history=f"{R}/runs/{{run}}/history.json",
-    conda:
-        "../envs/pipeline.yaml"
-    log:
-        f"{LOGS}/train/{{run}}.log",
-    wildcard_constraints:
-        run="|".join(STUDY.student_runs),
-    params:
-        profile=PROFILE,
-        config=run_config_json,
-    threads: STUDY.settings["train"]["threads"]
-    resources:
-        mem_mb=4000,
-    shell:
-        "python -m pipeline train --profile {params.profile} --run {wildcards.run} --threads {threads} "
-        "--no-progress > {log} 2>&1"
+# Students: one job per batch of runs (STUDY.train_batches, `train.runs_per_job` in params/), trained one after
+# another in one process, so the start-up of a process is paid once per batch. Snakemake reruns a batch when one
+# of its runs' configs or inputs changed; the runs whose identity is unchanged resume from their finished
+# checkpoint (seconds) instead of training again. Rules named train_<batch>, made by this loop.
+for batch, runs in STUDY.train_batches.items():
+
+    rule:
+        name:
+            f"train_{batch.replace('-', '_')}"
+        input:
+            code=STAGE_CODE["train"],
+            data=f"{R}/data",
+            teachers=sorted({str(STUDY.model_path(t)) for r in runs for t in STUDY.references(r)}),
+        output:
+            model=[f"{R}/runs/{r}/model.pt" for r in runs],
+            metrics=[f"{R}/runs/{r}/metrics.json" for r in runs],
+            history=[f"{R}/runs/{r}/history.json" for r in runs],
+        conda:
+            "../envs/pipeline.yaml"
+        log:
+            f"{LOGS}/train/{batch}.log",
+        params:
+            profile=PROFILE,
+            runs=" ".join(runs),
+            config=json.dumps([run_config_json(r) for r in runs]),
+        threads: STUDY.settings["train"]["threads"]
+        resources:
+            mem_mb=4000,
+        shell:
+            "python -m pipeline train --profile {params.profile} --run {params.runs} --threads {threads} "
+            "--no-progress > {log} 2>&1"
