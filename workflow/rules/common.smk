@@ -1,5 +1,6 @@
 # Shared helpers: the study (validated before anything runs), paths and the MLflow session.
 import json
+import re
 import sys
 from pathlib import Path
 

@@ -45,12 +45,14 @@ rule train_teacher:
 # Students: one job per batch of runs (STUDY.train_batches, `train.runs_per_job` in params/), trained one after
 # another in one process, so the start-up of a process is paid once per batch. Snakemake reruns a batch when one
 # of its runs' configs or inputs changed; the runs whose identity is unchanged resume from their finished
-# checkpoint (seconds) instead of training again. Rules named train_<batch>, made by this loop.
+# checkpoint (seconds) instead of training again. Rules named train_<batch>, made by this loop. A job that other
+# students wait for (the imitation teacher pooling-ce's) runs first among the ready ones: its priority is the
+# number of runs that read one of its runs.
 for batch, runs in STUDY.train_batches.items():
 
     rule:
         name:
-            f"train_{batch.replace('-', '_')}"
+            "train_" + re.sub(r"\W", "_", batch)
         input:
             code=STAGE_CODE["train"],
             data=f"{R}/data",
@@ -68,6 +70,7 @@ for batch, runs in STUDY.train_batches.items():
             runs=" ".join(runs),
             config=json.dumps([run_config_json(r) for r in runs]),
         threads: STUDY.settings["train"]["threads"]
+        priority: sum(1 for r in STUDY.student_runs if set(STUDY.references(r)) & set(runs))
         resources:
             mem_mb=4000,
         shell:
