@@ -1,6 +1,19 @@
 # Data preparation, teacher training and student training: one command, `python -m pipeline train`.
 
 
+# Order among ready jobs (Snakemake's priority): first the jobs other runs wait for (the teachers, and the job of
+# the imitation teacher pooling-ce), then the jobs with the most imitation runs (the longest), so that the last
+# jobs to run are short ones and no core idles at the end.
+STUDENTS = set(STUDY.student_runs)
+WAITED_FOR = 1000
+
+
+def job_priority(runs):
+    if any(set(STUDY.references(r)) & set(runs) for r in STUDY.student_runs):
+        return WAITED_FOR
+    return sum(1 for r in runs if set(STUDY.references(r)) & STUDENTS)
+
+
 rule prepare_data:
     input:
         code=STAGE_CODE["prepare-data"],
@@ -35,6 +48,7 @@ rule train_teacher:
         profile=PROFILE,
         config=lambda wildcards: run_config_json(wildcards.run),
     threads: STUDY.settings["train"]["threads"]
+    priority: WAITED_FOR
     resources:
         mem_mb=4000,
     shell:
@@ -45,9 +59,7 @@ rule train_teacher:
 # Students: one job per batch of runs (STUDY.train_batches, `train.runs_per_job` in params/), trained one after
 # another in one process, so the start-up of a process is paid once per batch. Snakemake reruns a batch when one
 # of its runs' configs or inputs changed; the runs whose identity is unchanged resume from their finished
-# checkpoint (seconds) instead of training again. Rules named train_<batch>, made by this loop. A job that other
-# students wait for (the imitation teacher pooling-ce's) runs first among the ready ones: its priority is the
-# number of runs that read one of its runs.
+# checkpoint (seconds) instead of training again. Rules named train_<batch>, made by this loop.
 for batch, runs in STUDY.train_batches.items():
 
     rule:
@@ -70,7 +82,7 @@ for batch, runs in STUDY.train_batches.items():
             runs=" ".join(runs),
             config=json.dumps([run_config_json(r) for r in runs]),
         threads: STUDY.settings["train"]["threads"]
-        priority: sum(1 for r in STUDY.student_runs if set(STUDY.references(r)) & set(runs))
+        priority: job_priority(runs)
         resources:
             mem_mb=4000,
         shell:
