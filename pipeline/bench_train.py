@@ -26,6 +26,7 @@ import pipeline.models  # noqa: F401  (registry)
 from pipeline.benchmark import FFT_FLOPS, architecture_label, device_name, summarize
 from pipeline.io import write_json
 from pipeline.study import load_study
+from pipeline.train import memory_format
 
 GEMM = "matmul (float32 GEMM, n=1024)"
 
@@ -87,8 +88,7 @@ def bench_train(study, threads: int, batch_size: int, warmup: int = 2, repeats: 
         meta = load_prepared(study.data_dir).meta
     shape = (meta["in_chans"], d["img_size"], d["img_size"])
     torch.manual_seed(0)
-    # the memory format the profile's training uses (pipeline.train: channels_last by default)
-    fmt = torch.channels_last if study.settings["train"].get("channels_last", True) else torch.contiguous_format
+    fmt = memory_format(study.run_config(study.student_runs[0]))  # the memory format the profile's training uses
     images = torch.randn(batch_size, *shape).contiguous(memory_format=fmt)
     labels = torch.randint(0, meta["num_classes"], (batch_size,))
     steps = {label: Step(model.to(memory_format=fmt), images, labels)

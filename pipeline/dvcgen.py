@@ -37,8 +37,7 @@ def _params(*sections: str, study_keys: list[str] | None = None) -> list:
     return out
 
 
-def _train_outputs(runs: str | list[str]) -> dict:
-    runs = [runs] if isinstance(runs, str) else runs
+def _train_outputs(runs: list[str]) -> dict:
     return {"outs": [f"{R}/runs/{r}/model.pt" for r in runs],
             "metrics": [{f"{R}/runs/{r}/metrics.json": {"cache": False}} for r in runs],
             "plots": [{f"{R}/runs/{r}/history.json": {"cache": False, "x": "epoch", "y": "test/top1"}} for r in runs]}
@@ -49,7 +48,7 @@ def _teacher_stage(teachers: list[str]) -> dict:
             "do": {"cmd": "python -m pipeline train --profile ${profile} --run ${item} --no-progress",
                    "deps": STAGE_CODE["train"] + [f"{R}/data"],
                    "params": _params(*TRAIN_SECTIONS, study_keys=["teachers.${item}"]),
-                   **_train_outputs("${item}")}}
+                   **_train_outputs(["${item}"])}}
 
 
 def _student_stage(study: Study, runs: list[str]) -> dict:

@@ -182,7 +182,7 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
     log = run_lines(ws, study, "affine-label-soft")
     assert "not resuming" in log and "kd.teacher file" in log and "resuming after" not in log
     # the runs of its job that read no changed input resume their finished checkpoint (trained once, not twice)
-    job = next(runs for runs in study.train_batches.values() if "affine-label-soft" in runs)
+    job = study.train_batches[job_of(study, "affine-label-soft")]
     unchanged = [r for r in job if "gfnet" not in study.references(r)]
     assert unchanged  # affine-pbig-nolabel-soft, affine-lightvit-nolabel-soft, adavit
     for run in unchanged:
