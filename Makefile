@@ -10,7 +10,7 @@ PROFILE ?= default
 # Snakemake rules and DVC stages call `python -m pipeline`: the project's environment comes first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset test lint clean repro publish smoke paper-plan dvc-repro ui snakemake-report
+.PHONY: setup dataset test lint clean repro publish smoke paper-plan dvc-repro ui snakemake-report mlflow-server mlflow-server-stop
 
 setup: $(STAMP)
 
@@ -77,6 +77,15 @@ dvc-repro: setup
 ui: setup
 	@python -m pipeline session url --profile $(PROFILE)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# An MLflow tracking server for parallel jobs over HTTP: PostgreSQL (the Debian package, installed if missing) in
+# .mlflow-server/, MLflow on 127.0.0.1:5001, artifacts uploaded through it. Idempotent; it prints the line to
+# paste: export MLFLOW_TRACKING_URI=http://127.0.0.1:5001 (settings: see scripts/mlflow-server.sh).
+mlflow-server: setup
+	@bash scripts/mlflow-server.sh start
+
+mlflow-server-stop:
+	@bash scripts/mlflow-server.sh stop
 
 # Snakemake's HTML report of the last run (tables and figures of the report stage).
 snakemake-report: setup

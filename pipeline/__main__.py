@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # torchrun ... -m pipeline -- train --run X: without `--`, torchrun takes --run for its own
+        argv = argv[1:]
     for name, (module, help_) in STAGES.items():
         stage = sub.add_parser(name, help=help_, description=help_)
         # Only the chosen stage's module is imported, so `--help` stays fast.

@@ -270,13 +270,16 @@ class TensorBatches:
     """Batches from uint8 tensors: pad to `img_size`, scale, normalise; optional random-crop + flip.
 
     Shuffling uses a generator seeded from (seed, epoch), so an epoch's order is the same after a resume.
+    `shard=(rank, world)`: a distributed rank's slice of each batch (torchrun; `batch_size` is the global batch).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, img_size: int,
-                 mean, std, train: bool, seed: int = 0, augment: bool = True, drop_last: bool = False):
+                 mean, std, train: bool, seed: int = 0, augment: bool = True, drop_last: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed, self.augment = batch_size, train, seed, augment and train
         self.drop_last = drop_last
+        self.rank, self.world = shard
         h, w = images.shape[-2:]
         if img_size < max(h, w):
             raise DataError(f"img_size {img_size} is smaller than the {h}x{w} images")
@@ -293,18 +296,16 @@ class TensorBatches:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _transform(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _transform(self, x: torch.Tensor, crop: tuple[int, int] | None, flip: torch.Tensor | None) -> torch.Tensor:
         x = x.float().div_(255)
         if x.ndim == 3:
             x = x.unsqueeze(1)
         x = torch.nn.functional.pad((x - self.mean) / self.std, self.pad)
-        if self.augment:
+        if crop is not None:
             # random crop with 2 px of zero padding, and horizontal flip
-            b, _, hh, ww = x.shape
-            x = torch.nn.functional.pad(x, (2, 2, 2, 2))
-            dy, dx = torch.randint(0, 5, (2,), generator=g).tolist()
-            x = x[:, :, dy:dy + hh, dx:dx + ww]
-            flip = torch.rand(b, generator=g) < 0.5
+            hh, ww = x.shape[-2:]
+            dy, dx = crop
+            x = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, :, dy:dy + hh, dx:dx + ww]
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x.contiguous()
 
@@ -316,7 +317,13 @@ class TensorBatches:
             order = torch.randperm(len(self.labels), generator=g)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self._transform(self.images[idx], g), self.labels[idx]
+            crop = flip = None
+            if self.augment:  # drawn for the whole global batch, so every rank's slice gets the same draws
+                crop = tuple(torch.randint(0, 5, (2,), generator=g).tolist())
+                flip = torch.rand(len(idx), generator=g) < 0.5
+            part = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
+            yield (self._transform(self.images[idx[part]], crop, None if flip is None else flip[part]),
+                   self.labels[idx[part]])
 
 
 def model_transform(model: torch.nn.Module, interpolation: str | None = None, crop_pct: float | None = None) -> dict:
@@ -328,20 +335,28 @@ def model_transform(model: torch.nn.Module, interpolation: str | None = None, cr
 
 
 def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int, train: bool, seed: int = 0,
-                 augment: bool = True, workers: int = 0, limit: int | None = None, transform_cfg: dict | None = None):
-    """An iterable of (images, labels) batches over a prepared split, with `set_epoch(epoch)`."""
+                 augment: bool = True, workers: int = 0, limit: int | None = None, transform_cfg: dict | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+    """An iterable of (images, labels) batches over a prepared split, with `set_epoch(epoch)`.
+
+    `shard=(rank, world)`: under torchrun, each of `world` processes gets its own slice of every batch of the one
+    seeded stream (`batch_size` is the global batch, a multiple of `world`), so the global batch and the order of
+    the images are the ones a single process sees."""
+    rank, world = shard
+    if batch_size % world:
+        raise DataError(f"batch_size {batch_size} is not a multiple of the {world} training processes")
     meta = prepared.meta
     if meta["format"] == "tensors":
         images, labels = prepared.split(split)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         return TensorBatches(images, labels, batch_size, img_size, meta["mean"], meta["std"], train, seed,
-                             augment, drop_last=train)
+                             augment, drop_last=train, shard=shard)
     return _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, workers, limit,
-                               transform_cfg or {})
+                               transform_cfg or {}, shard)
 
 
-def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, workers, limit, transform_cfg):
+def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, workers, limit, transform_cfg, shard):
     from timm.data import create_transform
     from torch.utils.data import DataLoader, Dataset
 
@@ -375,9 +390,18 @@ def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, work
 
         def __iter__(self):
             g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
-            return iter(DataLoader(Images(), batch_size=batch_size, shuffle=train, generator=g,
-                                   num_workers=workers, drop_last=train, pin_memory=torch.cuda.is_available(),
-                                   persistent_workers=False))
+            pin = torch.cuda.is_available()
+            rank, world = shard
+            if world == 1:
+                return iter(DataLoader(Images(), batch_size=batch_size, shuffle=train, generator=g,
+                                       num_workers=workers, drop_last=train, pin_memory=pin, persistent_workers=False))
+            # one rank's slice of each global batch of the seeded order (the random crops are drawn per worker)
+            order = torch.randperm(len(index), generator=g).tolist() if train else list(range(len(index)))
+            part = batch_size // world
+            batches = [order[i + rank * part:i + (rank + 1) * part]
+                       for i in range(0, len(self) * batch_size, batch_size)]
+            return iter(DataLoader(Images(), batch_sampler=batches, num_workers=workers, pin_memory=pin,
+                                   generator=torch.Generator().manual_seed(seed * 100_003 + self.epoch + rank)))
 
     return EpochLoader()
 

@@ -8,7 +8,9 @@ Snakemake workflow. The profile is `${profile}` from params.yaml, so `dvc exp ru
 the stages list the runs of the profile dvc.yaml was generated for, so a profile with other runs (other seeds)
 needs `python -m pipeline dvc-yaml --profile NAME` first. Per-variant keys of params/study.yaml are declared per
 stage, so changing one variant reruns only its job (where its runs that did not change resume from their
-finished checkpoints) and what depends on it.
+finished checkpoints) and what depends on it. Every output, metrics and plots included, is in DVC's cache: a
+queued experiment (`dvc exp run --queue`, run in a temporary copy of the repository) brings its results back
+through it (`dvc exp show`, `dvc exp apply`), since results/ is not in git.
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ def _params(*sections: str, study_keys: list[str] | None = None) -> list:
 
 def _train_outputs(runs: list[str]) -> dict:
     return {"outs": [f"{R}/runs/{r}/model.pt" for r in runs],
-            "metrics": [{f"{R}/runs/{r}/metrics.json": {"cache": False}} for r in runs],
-            "plots": [{f"{R}/runs/{r}/history.json": {"cache": False, "x": "epoch", "y": "test/top1"}} for r in runs]}
+            "metrics": [f"{R}/runs/{r}/metrics.json" for r in runs],
+            "plots": [{f"{R}/runs/{r}/history.json": {"x": "epoch", "y": "test/top1"}} for r in runs]}
 
 
-def _teacher_stage(teachers: list[str]) -> dict:
+def _teacher_stage(study: Study, teachers: list[str]) -> dict:
     return {"foreach": teachers,
-            "do": {"cmd": "python -m pipeline train --profile ${profile} --run ${item} --no-progress",
+            "do": {"cmd": f"{study.train_launcher} train --profile ${{profile}} --run ${{item}} --no-progress",
                    "deps": STAGE_CODE["train"] + [f"{R}/data"],
                    "params": _params(*TRAIN_SECTIONS, study_keys=["teachers.${item}"]),
                    **_train_outputs(["${item}"])}}
@@ -54,7 +56,7 @@ def _teacher_stage(teachers: list[str]) -> dict:
 def _student_stage(study: Study, runs: list[str]) -> dict:
     refs = sorted({t for r in runs for t in study.references(r)})
     variants = sorted({study.variant_of(r) for r in runs})
-    return {"cmd": f"python -m pipeline train --profile ${{profile}} --run {' '.join(runs)} --no-progress",
+    return {"cmd": f"{study.train_launcher} train --profile ${{profile}} --run {' '.join(runs)} --no-progress",
             "deps": STAGE_CODE["train"] + [f"{R}/data"] + [f"{R}/runs/{t}/model.pt" for t in refs],
             "params": _params(*TRAIN_SECTIONS, study_keys=[f"variants.{v}" for v in variants]),
             **_train_outputs(runs)}
@@ -69,7 +71,7 @@ def render(study: Study) -> str:
             "outs": [f"{R}/data"],
         },
     }
-    stages["train-teacher"] = _teacher_stage(study.teacher_runs)
+    stages["train-teacher"] = _teacher_stage(study, study.teacher_runs)
     for job, runs in study.train_batches.items():
         stages[f"train-{job}"] = _student_stage(study, runs)
     affine = [r for r in study.runs if study.needs_reparameterize(r)]
@@ -77,7 +79,7 @@ def render(study: Study) -> str:
         "cmd": "python -m pipeline reparameterize --profile ${profile}",
         "deps": STAGE_CODE["reparameterize"] + [f"{R}/data"] + [f"{R}/runs/{r}/model.pt" for r in affine],
         "outs": [f"{R}/deploy/{r}/model.pt" for r in affine],
-        "metrics": [{f"{R}/deploy/{r}/reparam.json": {"cache": False}} for r in affine],
+        "metrics": [f"{R}/deploy/{r}/reparam.json" for r in affine],
     }
     deployed = [f"{R}/deploy/{r}/model.pt" if r in affine else f"{R}/runs/{r}/model.pt" for r in study.runs]
     stages["evaluate"] = {
@@ -85,26 +87,25 @@ def render(study: Study) -> str:
         "deps": STAGE_CODE["evaluate"] + [f"{R}/data"] + deployed
                 + [f"{R}/runs/{r}/metrics.json" for r in study.runs],
         "params": _params("evaluate"),
-        "metrics": [{f"{R}/eval/{r}.json": {"cache": False}} for r in study.runs]
-                   + [{f"{R}/benchmark.json": {"cache": False}}],
+        "metrics": [f"{R}/eval/{r}.json" for r in study.runs] + [f"{R}/benchmark.json"],
     }
     decisions = [f"{R}/eval/{r}.decisions.json" for r in study.runs if study.is_adaptive(r)]
     predictions = [f"{R}/eval/{r}.predictions.npz" for r in study.runs]
-    stages["evaluate"]["outs"] = [{d: {"cache": False}} for d in predictions + decisions]
+    stages["evaluate"]["outs"] = predictions + decisions
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
         "deps": STAGE_CODE["latency-breakdown"],
         "params": _params("latency"),
-        "metrics": [{f"{R}/latency.json": {"cache": False}}],
+        "metrics": [f"{R}/latency.json"],
     }
     stages["report"] = {
         "cmd": "python -m pipeline report --profile ${profile}",
         "deps": (STAGE_CODE["report"] + [f"{R}/benchmark.json", f"{R}/latency.json"]
                  + [f"{R}/eval/{r}.json" for r in study.runs] + predictions + decisions),
         "params": _params("report", "seeds", study_keys=["tables", "guidelines"]),
-        "outs": [{f"{R}/report/{f}": {"cache": False}} for f in ("README.md", "tables")],
-        "metrics": [{f"{R}/report/summary.json": {"cache": False}}],
-        "plots": [{f"{R}/report/figures/{f}.png": {"cache": False}} for f in FIGURES],
+        "outs": [f"{R}/report/{f}" for f in ("README.md", "tables")],
+        "metrics": [f"{R}/report/summary.json"],
+        "plots": [f"{R}/report/figures/{f}.png" for f in FIGURES],
     }
     body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
     return HEADER + body

@@ -25,6 +25,9 @@ from pipeline.tracking import REPO_ROOT
 PARAMS = REPO_ROOT / "params"
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "study.schema.yaml"
 NOT_PROFILES = ("defaults", "study")  # params/ files that are not profiles
+# Keys of the `train` section that describe a training job, not a run: how its runs are grouped and launched, and
+# what it asks a cluster for. They change neither a run's config nor its identity.
+JOB_KEYS = ("runs_per_job", "nproc", "gpus", "mem_mb", "runtime")
 PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency",
                     "report")
 
@@ -85,6 +88,21 @@ class Study:
     @property
     def student_runs(self) -> list[str]:
         return [r for r, (role, _, _) in self.run_specs.items() if role == "student"]
+
+    @property
+    def train_launcher(self) -> str:
+        """What a training job runs (both drivers): `python -m pipeline`, or with `train.nproc` > 1 the same
+        module under torchrun, one process per GPU (or CPU share), on one node (`--` keeps torchrun from reading
+        the stage's options as abbreviations of its own)."""
+        n = self.settings["train"]["nproc"]
+        return "python -m pipeline" if n == 1 else f"torchrun --standalone --nproc_per_node {n} -m pipeline --"
+
+    @property
+    def train_resources(self) -> dict[str, int]:
+        """What a training job asks a cluster for (Snakemake resources): memory, minutes, GPUs."""
+        t = self.settings["train"]
+        gpus = t["gpus"] * t["nproc"]
+        return {"mem_mb": t["mem_mb"], "runtime": t["runtime"], **({"gpu": gpus} if gpus else {})}
 
     @cached_property
     def train_batches(self) -> dict[str, list[str]]:
@@ -216,7 +234,7 @@ class Study:
         role, spec, seed = self.run_specs[run]
         spec = copy.deepcopy(spec)
         model = self.settings["models"][spec.pop("model")]
-        train = {k: v for k, v in self.settings["train"].items() if k != "runs_per_job"}  # a job's, not a run's
+        train = {k: v for k, v in self.settings["train"].items() if k not in JOB_KEYS}  # a job's, not a run's
         values = deep_merge(train, self.settings["teacher_train"] if role == "teacher" else {})
         values = deep_merge(values, {"model": model["name"], "model_kwargs": model.get("kwargs", {})})
         values = deep_merge(values, spec)

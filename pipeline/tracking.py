@@ -50,12 +50,29 @@ def setup(experiment: str):
     warnings.filterwarnings("ignore", module="mlflow")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.set_experiment(experiment)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _creation_lock(uri):
+        exp = mlflow.set_experiment(experiment)
     for key, value in EXPERIMENT_KIND.items():
         if exp.tags.get(key) != value:
             mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     return mlflow
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str):
+    """Processes that open a new SQLite store at once race on its schema migration and on creating the experiment
+    (queued DVC experiments start together): for a SQLite store the first one creates them under a file lock,
+    the others then find them. A server (http://) does this itself."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
@@ -137,8 +154,13 @@ def parent_run_id(profile: str | None = None) -> str | None:
 
 
 def parent_tags(profile: str | None = None) -> dict[str, str]:
+    """The tags that place a stage's run in its invocation: the parent run, and in a queued DVC experiment (which
+    runs in a temporary copy of the repository, without the session's parent) the experiment's name."""
     parent = parent_run_id(profile)
-    return {"mlflow.parentRunId": parent} if parent else {}
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 @contextlib.contextmanager

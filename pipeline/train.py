@@ -3,6 +3,10 @@
 AdamW + warm-up/cosine (timm's factories), label smoothing, drop path, timm's Mixup/CutMix when the
 recipe asks for them, DeiT-style logit distillation and RIFormer's module imitation (pipeline.losses).
 
+Under torchrun (`train.nproc` in params/, or `torchrun --nproc_per_node N -m pipeline train ...`) every process
+trains a DistributedDataParallel replica on its slice of each global batch of the one seeded stream (gloo on CPU,
+nccl on GPU); rank 0 alone evaluates, logs to MLflow and writes files.
+
 Crash safety: a checkpoint is written atomically after every epoch. Started again with the same inputs, a
 run resumes from it; every RNG is re-seeded from (seed, epoch) at the start of each epoch, so a resumed
 run ends with the same metrics as an uninterrupted one. A checkpoint trained from other inputs (config,
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from timm.data import Mixup
@@ -68,7 +73,56 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+    if name == "cuda" and ranks().world > 1:
+        return torch.device("cuda", ranks().local)  # one GPU per process
     return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes (rank 0 of 1 outside torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    if not dist.is_initialized():
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextlib.contextmanager
+def process_group():
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo for CPU tensors, nccl for CUDA."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:  # one log: rank 0 prints (as DeiT's setup_for_distributed), errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# Each rank's dropout / drop-path / Mixup draws differ (seed + RANK_SEED * rank); rank 0's are a single process's.
+RANK_SEED = 1_000_003
+
+
+class _NoTracking:
+    """MLflow for ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def model_kwargs(cfg: TrainConfig, prepared: Prepared) -> dict:
@@ -260,7 +314,7 @@ class Objective:
         logits = model(images)
         terms = self.criterion(logits.float(), targets, teacher_logits)
         if self.usage is not None:
-            terms.update(self.usage(model.decisions))
+            terms.update(self.usage(getattr(model, "module", model).decisions))  # DDP wraps the model
         if self.imitation is not None:
             terms.update({k: v.float() for k, v in self.imitation(step).items()})
         return logits, terms
@@ -312,6 +366,12 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, obje
         if progress:
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", acc=f"{100 * correct / seen:.1f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    world = ranks().world
+    if world > 1:  # the epoch's means over every rank's images: the numbers of a single process
+        totals = torch.tensor([*sums.values(), correct, correct5, seen], dtype=torch.float64)
+        dist.all_reduce(totals)
+        sums = {k: v / world for k, v in zip(sums, totals.tolist(), strict=False)}
+        correct, correct5, seen = totals[-3:].tolist()
     return {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
             **{f"train/{k}": v / steps for k, v in sums.items()},
             "train/top1": 100 * correct / seen, "train/top5": 100 * correct5 / seen,
@@ -324,7 +384,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, experiment: str = "riformer", p
     (cached_teacher_logits); None runs the teacher in every step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(out_dir, cfg.name):
+    with run_lock(out_dir, cfg.name) if ranks().main else nullcontext():
         return _train(cfg, out_dir, experiment, progress, profile, None if cache_dir is None else Path(cache_dir))
 
 
@@ -342,7 +402,8 @@ def run_lock(out_dir: Path, name: str):
 
 def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None,
            cache_dir: Path | None) -> dict:
-    torch.set_num_threads(cfg.threads)
+    rk = ranks()
+    torch.set_num_threads(max(1, cfg.threads // rk.world))  # `threads` is the job's: shared by its processes
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
@@ -361,6 +422,11 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
         init_log["partial_init"] = partial_load(model, source["state_dict"])
     fmt = memory_format(cfg)
     model.to(device, memory_format=fmt)
+    net = model  # what the steps call: the model, or its DistributedDataParallel wrapper under torchrun
+    if rk.world > 1:
+        # AdaViT skips heads, blocks and tokens: some of its parameters get no gradient in a step
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=hasattr(model, "decisions"))
     kd_teacher = load_teacher(cfg.kd.teacher, device, prepared, "kd.teacher", fmt) if cfg.kd.type != "none" else None
     mi_on = any(v > 0 for v in (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel))
     mi_teacher = None
@@ -375,7 +441,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                                 augment=d.augment, workers=d.workers, limit=d.train_limit,
                                 transform_cfg={"augment": d.augment, "auto_augment": d.auto_augment,
                                                "re_prob": d.re_prob, "re_mode": d.re_mode,
-                                               "interpolation": eval_transform["interpolation"]})
+                                               "interpolation": eval_transform["interpolation"]},
+                                shard=(rk.rank, rk.world))
     test_loader = build_loader(prepared, "test", d.eval_batch_size, d.img_size, train=False, workers=d.workers,
                                limit=d.test_limit, transform_cfg=eval_transform)
     if len(train_loader) == 0:
@@ -396,7 +463,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     if mi_on:
         objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * len(train_loader))
         init_log["mi_blocks"] = objective.imitation.blocks
-    if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher:
+    if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher and rk.world == 1:
         objective.kd_logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir,
                                                     device, autocast)
 
@@ -412,9 +479,9 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
         start_epoch, history, run_id = state["epoch"] + 1, state["history"], state.get("run_id")
         print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1} of {o.epochs} from {ckpt_path}")
 
-    mlflow = tracking.setup(experiment)
-    run = _start_run(mlflow, cfg, run_id, prepared, device, profile)
-    run_id = run.info.run_id
+    mlflow = tracking.setup(experiment) if rk.main else _NoTracking()
+    if rk.main:
+        run_id = _start_run(mlflow, cfg, run_id, prepared, device, profile, rk.world).info.run_id
     if start_epoch == 0:
         mlflow.log_params(tracking.flatten({k: v for k, v in cfg.to_dict().items()}))
         mlflow.log_dict(cfg.to_dict(), "config.yaml")
@@ -431,10 +498,13 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     wall_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, o.epochs):
-            seed_everything(cfg.seed * 1000 + epoch)  # resume-exact: every RNG restarts with the epoch
+            seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * rk.rank)  # resume-exact: RNGs restart each epoch
             t0 = time.perf_counter()
-            row = train_one_epoch(cfg, epoch, model, train_loader, objective, optimizer, scheduler, device,
-                                  autocast, progress)
+            row = train_one_epoch(cfg, epoch, net, train_loader, objective, optimizer, scheduler, device,
+                                  autocast, progress and rk.main)
+            if not rk.main:  # rank 0 evaluates, logs and writes; the others go on to the next epoch's steps
+                history.append(row)
+                continue
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == o.epochs:
                 acc = evaluate(model, test_loader, device, autocast, fmt)
                 row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
@@ -457,6 +527,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
         if objective.imitation is not None:
             objective.imitation.remove()
 
+    if not rk.main:
+        return {"name": cfg.name, "history": history}
     final = history[-1]
     metrics = {
         "name": cfg.name, "variant": cfg.variant or cfg.name, "seed": cfg.seed, "role": cfg.role, "model": cfg.model,
@@ -477,7 +549,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
 
 
 def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared, device: torch.device,
-               profile: str | None):
+               profile: str | None, processes: int):
     if run_id is not None:
         try:
             return mlflow.start_run(run_id=run_id)
@@ -487,7 +559,8 @@ def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared,
     tags = {"table": ",".join(cfg.tables), "variant": cfg.variant or cfg.name, "seed": str(cfg.seed),
             "role": cfg.role, "model": cfg.model,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
-            "device": str(device), "stage": "train", **tracking.git_state(), **tracking.parent_tags(profile)}
+            "device": str(device), "processes": str(processes), "stage": "train", **tracking.git_state(),
+            **tracking.parent_tags(profile)}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)
     tracking.log_dataset(mlflow, prepared.path, prepared.meta["source"], prepared.data_hash[:32], "training")
     return run
@@ -502,6 +575,11 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> dict:
+    with process_group():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
     if not args.run:
         cfg = load_config(args.config, args.set + ([f"threads={args.threads}"] if args.threads else []))
         if not args.out:
@@ -510,7 +588,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.out and len(args.run) > 1:
         raise SystemExit("train: --out takes one --run")
     # Several runs: one after another in this process (a Snakemake / DVC job of the study's train_batches). A run
-    # that fails does not stop the others; the job fails at the end, naming it. Each run is what it would be alone.
+    # that fails does not stop the others (but under torchrun); the job fails at the end, naming it. Each run is
+    # what it would be alone.
     from pipeline.study import load_study
     study = load_study(args.profile, check_data=False)
     results, failed = {}, {}
@@ -520,7 +599,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             results[name] = _train_and_report(cfg, args, out, None if args.no_cache else study.results / "cache")
         except Exception as e:
-            if len(args.run) == 1:
+            if len(args.run) == 1 or ranks().world > 1:  # torchrun stops every rank when one fails
                 raise
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"[{name}] FAILED: {failed[name]}", flush=True)
@@ -533,7 +612,9 @@ def run(args: argparse.Namespace) -> dict:
 def _train_and_report(cfg: TrainConfig, args: argparse.Namespace, out, cache) -> dict:
     metrics = train(cfg, out, experiment=args.experiment or tracking.experiment_name(args.profile),
                     progress=not args.no_progress, profile=args.profile, cache_dir=cache)
-    print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}", flush=True)
+    if ranks().main:
+        print(f"[{cfg.name}] done: test top-1 {metrics['test_top1']:.2f}, top-5 {metrics['test_top5']:.2f}",
+              flush=True)
     return metrics
 
 

@@ -5,6 +5,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+pytest_plugins = ["mlflow_server"]  # the `mlflow_server` fixture: an MLflow server on PostgreSQL for a test
+
 
 @pytest.fixture(scope="session")
 def small_fashion_mnist(tmp_path_factory):

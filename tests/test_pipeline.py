@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def make_workspace(root: Path) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    (root / ".gitignore").write_text("results/\nlogs/\nmlflow.db\n.snakemake/\n")
+    (root / ".gitignore").write_text("results/\nlogs/\nmlflow.db\nmlflow.db.lock\n.snakemake/\n")
     env = _env(root)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
@@ -43,8 +44,10 @@ def make_workspace(root: Path) -> Path:
 
 
 def _env(root: Path) -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-            "PYTHONUNBUFFERED": "1"}
+    """The workspace's own SQLite store, or the MLflow server of a test that asked for one (`mlflow_server`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+            "MLFLOW_TRACKING_URI": uri if uri.startswith("http") else f"sqlite:///{root}/mlflow.db"}
 
 
 def sh(root: Path, *cmd: str) -> str:
@@ -101,19 +104,27 @@ def test_committed_dvc_yaml_is_up_to_date():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_smoke_dag_through_snakemake_then_dvc(tmp_path):
+def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
+    """The parallel jobs log to an MLflow server on PostgreSQL over HTTP (make mlflow-server): every run arrives."""
     ws = make_workspace(tmp_path / "ws")
     from pipeline.study import load_study
     study = load_study("smoke", check_data=False)
 
     sh(ws, "snakemake", "--cores", "2", "--config", "profile=smoke")
-    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("riformer-smoke")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
+    # none lost: one run per training run and per stage job, each FINISHED and nested under the one parent
+    expected = {"train": len(study.runs), "prepare-data": 1, "reparameterize": 1, "evaluate": 1,
+                "latency-breakdown": 1, "report": 1}
+    stages = [r.data.tags.get("stage") for r in runs if r.info.run_id != parent]
+    assert {s: stages.count(s) for s in expected} == expected and len(stages) == sum(expected.values()), stages
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent
+               for r in runs if r.info.run_id != parent)
     finished = {r.data.tags["variant"]: r for r in runs
                 if r.data.tags.get("stage") == "train" and r.info.status == "FINISHED"}
     for table, spec in study.tables.items():
@@ -283,3 +294,38 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     assert len(json.loads((ws / "results/paper/eval/adavit.decisions.json").read_text())["patch"][0]) == 12
     summary = json.loads((ws / "results/paper/report/summary.json").read_text())
     assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing
+
+
+def test_queued_dvc_experiments_run_two_at_a_time_into_one_mlflow_store(tmp_path):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: two experiments of the smoke profile (a teacher at two batch
+    sizes), each in DVC's temporary copy of the repository, at the same time, logging to the workspace's store."""
+    ws = make_workspace(tmp_path / "ws")
+    set_params(ws, "params.yaml", lambda d: d.update(profile="smoke"))
+    sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "smoke")
+    sh(ws, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "smoke")
+    sizes = {"deit-b25": 25, "deit-b50": 50}
+    for name, size in sizes.items():
+        sh(ws, "dvc", "exp", "run", "--queue", "train-teacher@deit", "-n", name,
+           "-S", f"params/smoke.yaml:train.data.batch_size={size}")
+    sh(ws, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while re.search(r"\b(Queued|Running)\b", status := sh(ws, "dvc", "queue", "status")) and time.time() < deadline:
+        time.sleep(2)
+    assert all(re.search(rf"{name}\s+.*Success", status) for name in sizes), status
+
+    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("riformer-smoke")
+    runs = {r.data.tags.get("dvc_experiment"): r
+            for r in client.search_runs([exp.experiment_id], "tags.stage = 'train'")}
+    assert set(runs) == set(sizes)
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["data.batch_size"] == str(sizes[name])
+        assert "final/test_top1" in run.data.metrics
+    a, b = runs.values()
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they ran at the same time
+    # each experiment's metrics come back through DVC's cache (results/ is not in git)
+    shown = json.loads(sh(ws, "dvc", "exp", "show", "--no-pager", "--json"))
+    metrics = {rev["name"]: rev["data"]["metrics"]["results/smoke/runs/deit/metrics.json"]["data"]
+               for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]}
+    assert {name: m["test_top1"] for name, m in metrics.items()} == {
+        name: run.data.metrics["final/test_top1"] for name, run in runs.items()}

@@ -44,3 +44,20 @@ def start_mlflow_session():
 
 def end_mlflow_session(status):
     tracking.end_session(PROFILE, status)
+
+
+# Order among ready jobs (Snakemake's priority): first the jobs other runs wait for (the teachers, and the job of
+# the imitation teacher pooling-ce), then the jobs with the most imitation runs (the longest), so that the last
+# jobs to run are short ones and no core idles at the end.
+STUDENTS = set(STUDY.student_runs)
+WAITED_FOR = 1000
+
+
+def job_priority(runs):
+    if any(set(STUDY.references(r)) & set(runs) for r in STUDY.student_runs):
+        return WAITED_FOR
+    return sum(1 for r in runs if set(STUDY.references(r)) & STUDENTS)
+
+
+def job_rule_name(batch):
+    return f"train_{re.sub(r'[^A-Za-z0-9_]', '_', batch)}"

@@ -1,17 +1,5 @@
-# Data preparation, teacher training and student training: one command, `python -m pipeline train`.
-
-
-# Order among ready jobs (Snakemake's priority): first the jobs other runs wait for (the teachers, and the job of
-# the imitation teacher pooling-ce), then the jobs with the most imitation runs (the longest), so that the last
-# jobs to run are short ones and no core idles at the end.
-STUDENTS = set(STUDY.student_runs)
-WAITED_FOR = 1000
-
-
-def job_priority(runs):
-    if any(set(STUDY.references(r)) & set(runs) for r in STUDY.student_runs):
-        return WAITED_FOR
-    return sum(1 for r in runs if set(STUDY.references(r)) & STUDENTS)
+# Data preparation, teacher training and student training: one command, `python -m pipeline train` (under
+# torchrun when the profile's `train.nproc` > 1). A job's cluster resources come from the profile's `train`.
 
 
 rule prepare_data:
@@ -50,9 +38,9 @@ rule train_teacher:
     threads: STUDY.settings["train"]["threads"]
     priority: WAITED_FOR
     resources:
-        mem_mb=4000,
+        **STUDY.train_resources,
     shell:
-        "python -m pipeline train --profile {params.profile} --run {wildcards.run} --threads {threads} "
+        f"{STUDY.train_launcher} train --profile {{params.profile}} --run {{wildcards.run}} --threads {{threads}} "
         "--no-progress > {log} 2>&1"
 
 
@@ -64,7 +52,7 @@ for batch, runs in STUDY.train_batches.items():
 
     rule:
         name:
-            "train_" + re.sub(r"\W", "_", batch)
+            job_rule_name(batch)
         input:
             code=STAGE_CODE["train"],
             data=f"{R}/data",
@@ -84,7 +72,7 @@ for batch, runs in STUDY.train_batches.items():
         threads: STUDY.settings["train"]["threads"]
         priority: job_priority(runs)
         resources:
-            mem_mb=4000,
+            **STUDY.train_resources,
         shell:
-            "python -m pipeline train --profile {params.profile} --run {params.runs} --threads {threads} "
+            f"{STUDY.train_launcher} train --profile {{params.profile}} --run {{params.runs}} --threads {{threads}} "
             "--no-progress > {log} 2>&1"
