@@ -423,10 +423,8 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     fmt = memory_format(cfg)
     model.to(device, memory_format=fmt)
     net = model  # what the steps call: the model, or its DistributedDataParallel wrapper under torchrun
-    if rk.world > 1:
-        # AdaViT skips heads, blocks and tokens: some of its parameters get no gradient in a step
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=hasattr(model, "decisions"))
+    if rk.world > 1:  # (AdaViT trains with soft masks: every parameter gets a gradient in every step)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     kd_teacher = load_teacher(cfg.kd.teacher, device, prepared, "kd.teacher", fmt) if cfg.kd.type != "none" else None
     mi_on = any(v > 0 for v in (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel))
     mi_teacher = None

@@ -61,3 +61,8 @@ def job_priority(runs):
 
 def job_rule_name(batch):
     return f"train_{re.sub(r'[^A-Za-z0-9_]', '_', batch)}"
+
+
+def gpu_of(measurement):
+    """A measurement on CUDA (the paper profile) asks the cluster for a GPU."""
+    return {"gpu": 1} if measurement.get("device") == "cuda" else {}

@@ -42,6 +42,8 @@ rule evaluate:
         profile=PROFILE,
         settings=json.dumps(STUDY.settings["evaluate"], sort_keys=True),
     threads: MAX_THREADS
+    resources:
+        **gpu_of(STUDY.settings["evaluate"]["benchmark"]),
     shell:
         "python -m pipeline evaluate --profile {params.profile} --threads {threads} > {log} 2>&1"
 
@@ -59,5 +61,7 @@ rule latency_breakdown:
         profile=PROFILE,
         settings=json.dumps(STUDY.settings["latency"], sort_keys=True),
     threads: MAX_THREADS
+    resources:
+        **gpu_of(STUDY.settings["latency"]),
     shell:
         "python -m pipeline latency-breakdown --profile {params.profile} --threads {threads} > {log} 2>&1"
