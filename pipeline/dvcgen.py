@@ -45,8 +45,8 @@ def _train_outputs(runs: list[str]) -> dict:
             "plots": [{f"{R}/runs/{r}/history.json": {"x": "epoch", "y": "test/top1"}} for r in runs]}
 
 
-def _teacher_stage(study: Study, teachers: list[str]) -> dict:
-    return {"foreach": teachers,
+def _teacher_stage(study: Study) -> dict:
+    return {"foreach": study.teacher_runs,
             "do": {"cmd": f"{study.train_launcher} train --profile ${{profile}} --run ${{item}} --no-progress",
                    "deps": STAGE_CODE["train"] + [f"{R}/data"],
                    "params": _params(*TRAIN_SECTIONS, study_keys=["teachers.${item}"]),
@@ -71,7 +71,7 @@ def render(study: Study) -> str:
             "outs": [f"{R}/data"],
         },
     }
-    stages["train-teacher"] = _teacher_stage(study, study.teacher_runs)
+    stages["train-teacher"] = _teacher_stage(study)
     for job, runs in study.train_batches.items():
         stages[f"train-{job}"] = _student_stage(study, runs)
     affine = [r for r in study.runs if study.needs_reparameterize(r)]

@@ -73,8 +73,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
-    if name == "cuda" and ranks().world > 1:
-        return torch.device("cuda", ranks().local)  # one GPU per process
+    rk = ranks()
+    if name == "cuda" and rk.world > 1:
+        return torch.device("cuda", rk.local)  # one GPU per process
     return torch.device(name)
 
 
