@@ -16,11 +16,15 @@ setup: $(STAMP)
 
 # Exact versions: pyproject.toml pins the direct dependencies, requirements.lock the whole environment
 # (regenerate it with `$(PY) -m pip freeze --exclude-editable > requirements.lock`).
+# The environment takes about 6.5 GB (torch's CUDA build, which runs on the CPU too); pip's download cache is off, so a
+# fresh install needs that plus the downloads in flight (~3 GB), not a second copy of every wheel.
 $(STAMP): requirements.lock pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 10 ] || \
+	  echo "WARNING: $$free GB free here; installing the environment needs about 10 GB at its peak." >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.lock
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps -e .
 	$(MAKE) --no-print-directory dataset
 	touch $@
 
