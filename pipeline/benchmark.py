@@ -17,8 +17,10 @@ import argparse
 import math
 import platform
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import timm
 import torch
@@ -109,24 +111,46 @@ def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor |
     return samples
 
 
+ORT = " [onnxruntime]"  # suffix of a model's ONNX Runtime twin in a benchmark
+
+
+def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Per-round images/s ratio of each model to the reference of its own runtime (torch, or ONNX Runtime for the
+    `ORT`-suffixed twins); the two timings of a round are adjacent."""
+    return {name: summarize([a / b for a, b in zip(s, samples[reference + ORT if name.endswith(ORT) else reference],
+                                                   strict=True)])
+            for name, s in samples.items()}
+
+
 def benchmark_models(models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int], batch_size: int,
                      device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
                      repeats: int = 7, iters: int = 3, reference: str | None = None,
-                     progress: bool = True, images: torch.Tensor | None = None) -> dict:
+                     progress: bool = True, images: torch.Tensor | None = None,
+                     onnxruntime: bool | list[str] = False) -> dict:
     """Params, MACs and interleaved throughput of several models, as one JSON-ready record. The batch is
-    `images` (real test images: input-dependent models such as AdaViT need them) or random numbers."""
+    `images` (real test images: input-dependent models such as AdaViT need them) or random numbers.
+    `onnxruntime` (True: every model; or a list of names): those models are also exported to ONNX and timed in
+    ONNX Runtime in the same rounds (CPU, fp32), as `name [onnxruntime]`."""
     rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
     models = {name: m.to(device) for name, m in models.items()}
     if device.type == "cuda":
         models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
     batch = (images[:batch_size].to(device, dtype) if images is not None
              else torch.randn(batch_size, *input_shape, device=device, dtype=dtype))
-    samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnxruntime:
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError("onnxruntime: CPU and float32 only")
+            from pipeline.export import onnx_pair
+            names = list(models) if onnxruntime is True else onnxruntime
+            models.update(onnx_pair({n: models[n] for n in names}, batch[:2], Path(tmp), torch.get_num_threads()))
+            rows.update({name + ORT: dict(rows[name]) for name in names})
+        samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
     for name, s in samples.items():
         rows[name]["throughput"] = summarize(s)
-        if reference is not None:
-            rows[name]["ratio_to_reference"] = summarize([a / b for a, b in zip(s, samples[reference],
-                                                                                 strict=True)])
+    if reference is not None:
+        for name, r in ratios(samples, reference).items():
+            rows[name]["ratio_to_reference"] = r
     return {
         "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
@@ -204,6 +228,9 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     reference_run = next(r["run"] for r in t6["rows"] if r["row"] == t6["reference"])
     b = study.settings["evaluate"]["benchmark"]
     torch.set_num_threads(threads or b["threads"])
+    # T6's PoolFormer and RIFormer deploy models also run in ONNX Runtime (the export stage's runtime), CPU only
+    onnx = [runs[reference_run]] + [runs[r["run"]] for r in t6["rows"] if r["row"] == "riformer_s12"][:1]
+    onnx = onnx if b["device"] == "cpu" and b["dtype"] == "float32" else []
     from pipeline.data import build_loader, load_prepared
     prepared = load_prepared(study.data_dir)
     in_chans = prepared.meta["in_chans"]
@@ -212,7 +239,8 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     images = next(iter(build_loader(prepared, "test", n_images, img, train=False)))[0]
     device, dtype = torch.device(b["device"]), getattr(torch, b["dtype"])
     result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, dtype, b["warmup"],
-                              b["repeats"], b["iters"], reference=runs[reference_run], images=images)
+                              b["repeats"], b["iters"], reference=runs[reference_run], images=images,
+                              onnxruntime=onnx)
     result.update(profile=study.profile, runs=runs, protocol="study", adaptive={})
     for run in adaptive:  # speed-up over the dense DeiT it was initialised from, at batch 1 and grouped
         dense = runs[study.init_source(run)]
@@ -238,7 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     if reference not in models:
         raise ValueError(f"--reference {reference!r} is not one of --models")
     result = benchmark_models(models, (args.in_chans, args.img_size, args.img_size), args.batch_size, device,
-                              getattr(torch, args.dtype), args.warmup, args.repeats, args.iters, reference)
+                              getattr(torch, args.dtype), args.warmup, args.repeats, args.iters, reference,
+                              onnxruntime=args.onnxruntime)
     result["protocol"] = args.protocol
     write_json(args.out, result)
     print_benchmark(result)
@@ -251,7 +280,8 @@ def print_benchmark(result: dict) -> None:
         t, r = row["throughput"], row.get("ratio_to_reference")
         print(f"{name:28s} params {row['params']:>11,d}  MACs {row['macs'] / 1e9:7.3f} G  "
               f"img/s median {t['median']:9.2f} [{t['min']:.2f}, {t['max']:.2f}]"
-              + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}" if r else ""))
+              + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}"
+                 + (ORT if name.endswith(ORT) else "") if r else ""))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -271,6 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the paper does not say fp16 or fp32 (riformer.md Sec. 8); fp32 by default")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="also time each model exported to ONNX, in ONNX Runtime, in the same rounds (CPU, fp32)")
     p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
     p.add_argument("--protocol", choices=["custom", "paper"], default="custom",
                    help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized)")

@@ -92,6 +92,15 @@ def render(study: Study) -> str:
     decisions = [f"{R}/eval/{r}.decisions.json" for r in study.runs if study.is_adaptive(r)]
     predictions = [f"{R}/eval/{r}.predictions.npz" for r in study.runs]
     stages["evaluate"]["outs"] = predictions + decisions
+    exported = study.export_runs
+    stages["export"] = {
+        "cmd": "python -m pipeline export --profile ${profile} --no-progress",
+        "deps": (STAGE_CODE["export"] + [f"{R}/data"] + [deployed[study.runs.index(r)] for r in exported]
+                 + [f"{R}/eval/{r}.json" for r in exported]),
+        "params": _params("export"),
+        "outs": [f"{R}/export/{r}/model.onnx" for r in exported],
+        "metrics": [f"{R}/export/{r}/export.json" for r in exported] + [f"{R}/export/summary.json"],
+    }
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
         "deps": STAGE_CODE["latency-breakdown"],

@@ -31,7 +31,9 @@ STAGE_CODE = {
     "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py",
               "pipeline/identity.py"] + _MODELS,
     "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
-    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py"] + _MODELS,
+    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py", "pipeline/export.py"]
+    + _MODELS,
+    "export": ["pipeline/export.py"] + _MODELS,
     "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
     "report": ["pipeline/report.py", "pipeline/figures.py", "pipeline/stats.py", "params/paper_results.csv"],
 }

@@ -1,8 +1,9 @@
 """`python -m pipeline reparameterize`: training checkpoint -> deploy checkpoint + equivalence JSON.
 
 The merge itself is `timm.utils.reparameterize_model` (RIFormerBlock.reparameterize, riformer.md Sec. 1).
-The deploy checkpoint describes the identity-mixer model (`token_mixer='identity'`), whose keys are
-PoolFormer's, and the JSON records the max |logit difference| between the two forms on real test images.
+The deploy checkpoint describes the identity-mixer model with its first layer scale folded into the norm
+(`token_mixer='identity', fold_layer_scale=True`), whose keys are PoolFormer's less `layer_scale1`, and the JSON
+records the max |logit difference| between the two forms on real test images.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Mod
     model = model_from_checkpoint(ckpt)
     deploy = timm.utils.reparameterize_model(model)
     kwargs = dict(ckpt.get("model_kwargs", {}))
-    if ckpt["model"].startswith("riformer") and kwargs.get("token_mixer", "affine") == "affine":
-        kwargs["token_mixer"] = "identity"  # the deploy form: the affine is merged into the norm
+    if ckpt["model"].startswith("riformer") and kwargs.get("token_mixer", "affine") in ("affine", "identity"):
+        # the deploy form: the affine and the first layer scale are merged into the norm
+        kwargs.update(token_mixer="identity", fold_layer_scale=True)
     deploy_ckpt = {k: v for k, v in ckpt.items() if k in ("config", "identity")}
     deploy_ckpt.update(model=ckpt["model"], model_kwargs=kwargs, state_dict=deploy.state_dict())
     # The deploy state dict must load into the identity-mixer model: check it here, not at evaluation time.

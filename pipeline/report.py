@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tracking
-from pipeline.benchmark import fast_path_label
+from pipeline.benchmark import ORT, fast_path_label
 from pipeline.evaluate import load_predictions
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table
@@ -499,6 +499,27 @@ def _ratio(r: dict | None) -> str:
     return f"×{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
 
 
+def _onnx_section(bench: dict) -> list[str]:
+    """T6's PoolFormer and deploy RIFormer in torch (eager) and in ONNX Runtime, from the same interleaved rounds."""
+    twins = [name.removesuffix(ORT) for name in bench.get("models", {}) if name.endswith(ORT)]
+    if not twins:
+        return []
+    lines = ["### Deploy models in ONNX Runtime", "",
+             f"Images/s in evaluate's interleaved benchmark (batch {bench['batch_size']}, {bench['threads']} threads, "
+             f"median [min, max] over {bench['repeats']} rounds); × is the per-round ratio to `{bench['reference']}` "
+             "in the same runtime. `python -m pipeline export` checks every student's ONNX model against torch.", "",
+             "| architecture | torch img/s | × in torch | ONNX Runtime img/s | × in ONNX Runtime |",
+             "|---|---|---|---|---|"]
+    for name in twins:
+        cells = []
+        for row in (bench["models"][name], bench["models"][name + ORT]):
+            t, r = row["throughput"], row["ratio_to_reference"]
+            cells += [f"{t['median']:,.0f} [{t['min']:,.0f}, {t['max']:,.0f}]",
+                      f"×{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],
            figs: list[str], wall_time_s: float | None) -> str:
     meta = _maybe_json(study.data_dir / "meta.json") or {}
@@ -552,7 +573,8 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
                          + (f"{iv.mde:.2f} | {iv.seeds} × {iv.n:,}" if iv else f"{MISSING} | {MISSING}")
                          + f" | {fmt_delta(d['paper'], 'top1')} | {votes} |")
         lines.append("")
-    lines += ["## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1, "## Figures", ""]
+    lines += ["## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1]
+    lines += _onnx_section(bench) + ["## Figures", ""]
     for f in figs:
         lines += [f"![{f}](figures/{f}.png)", ""]
     return "\n".join(lines)

@@ -90,6 +90,11 @@ class Study:
         return [r for r, (role, _, _) in self.run_specs.items() if role == "student"]
 
     @property
+    def export_runs(self) -> list[str]:
+        """The students whose deploy model `export` writes as ONNX: all but AdaViT's (no single static graph)."""
+        return [r for r in self.student_runs if not self.is_adaptive(r)]
+
+    @property
     def train_launcher(self) -> str:
         """What a training job runs (both drivers): `python -m pipeline`, or with `train.nproc` > 1 the same
         module under torchrun, one process per GPU (or CPU share), on one node (`--` keeps torchrun from reading
@@ -172,6 +177,14 @@ class Study:
 
     def deploy_dir(self, run: str) -> Path:
         return self.results / "deploy" / run
+
+    def export_dir(self, run: str) -> Path:
+        return self.results / "export" / run
+
+    @property
+    def export_summary_path(self) -> Path:
+        """The export stage's record: every ONNX check, the registered best student, the ONNX Runtime benchmark."""
+        return self.results / "export" / "summary.json"
 
     def eval_path(self, run: str) -> Path:
         return self.results / "eval" / f"{run}.json"

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -119,7 +121,7 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     # none lost: one run per training run and per stage job, each FINISHED and nested under the one parent
-    expected = {"train": len(study.runs), "prepare-data": 1, "reparameterize": 1, "evaluate": 1,
+    expected = {"train": len(study.runs), "prepare-data": 1, "reparameterize": 1, "evaluate": 1, "export": 1,
                 "latency-breakdown": 1, "report": 1}
     stages = [r.data.tags.get("stage") for r in runs if r.info.run_id != parent]
     assert {s: stages.count(s) for s in expected} == expected and len(stages) == sum(expected.values()), stages
@@ -144,7 +146,26 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     digests = {i.dataset.digest for r in prepared + list(finished.values()) for i in r.inputs.dataset_inputs}
     assert len(digests) == 1 and all(r.inputs.dataset_inputs for r in prepared + list(finished.values()))
     stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
-    assert {"prepare-data", "train", "reparameterize", "evaluate", "latency-breakdown", "report"} <= stages
+    assert {"prepare-data", "train", "reparameterize", "evaluate", "export", "latency-breakdown", "report"} <= stages
+    # every student's deploy model as ONNX, agreeing with torch in ONNX Runtime; the best one registered with an
+    # alias, and it loads from MLflow by that alias and computes the logits the deploy checkpoint does
+    export = json.loads((ws / study.export_summary_path).read_text())
+    assert set(export["runs"]) == set(study.export_runs) and "adavit" not in export["runs"]
+    assert all(0 <= r["max_abs_logit_diff"] <= 1e-4 and r["num_images"] == 200 for r in export["runs"].values())
+    registered = client.get_model_version_by_alias("riformer-smoke-deploy", "best")
+    assert registered.version == str(export["registered"]["version"])
+    best = export["registered"]["run"]
+    top1 = {r: json.loads((ws / study.eval_path(r)).read_text())["test_top1"] for r in study.export_runs}
+    assert top1[best] == max(top1.values())  # one seed: the best variant is the best run
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model("models:/riformer-smoke-deploy@best")
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 32, 32]
+    from pipeline.io import load_checkpoint, model_from_checkpoint
+    images = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        expected_logits = model_from_checkpoint(load_checkpoint(ws / study.deployed_model(best))).eval()(images)
+    logits = next(iter(pyfunc.predict(images.numpy()).values()))
+    assert np.abs(logits - expected_logits.numpy()).max() <= 1e-4
     readme = (ws / "results/smoke/report/README.md").read_text()  # the committed reports/ are not written
     assert "### T4" in readme and "guideline" in readme.lower() and "200 (every accuracy" in readme
     assert len(np.load(ws / study.predictions_path("pooling-ce"))["pred"]) == 200
@@ -155,7 +176,7 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
     out = sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
     jobs = planned_jobs(out)
-    expected = {job_rule(study, "identity-label-hard"): 1, "evaluate": 1, "report": 1, "all": 1}
+    expected = {job_rule(study, "identity-label-hard"): 1, "evaluate": 1, "export": 1, "report": 1, "all": 1}
     if any(study.needs_reparameterize(r) for r in study.train_batches[job_of(study, "identity-label-hard")]):
         expected["reparameterize"] = 1  # the job rewrites an affine run's model (the same weights, resumed)
     assert jobs == expected, out[-3000:]

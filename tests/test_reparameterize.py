@@ -4,10 +4,12 @@ import json
 import pytest
 import timm
 import torch
+from timm.models.metaformer import Scale
 
 import pipeline.models  # noqa: F401
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.models import Affine, RIFormerBlock, metaformer_blocks
+from pipeline.models.riformer import IdentityMixer
 
 
 def randomize(model, seed=0):
@@ -33,11 +35,31 @@ def test_randomized_equivalence(name):
         ref, out = model(x), deploy(x)
     assert ref.abs().max() > 1e-2  # the randomized model gives non-trivial logits
     assert (ref - out).abs().max().item() <= 1e-4
-    # the deploy state dict loads into the identity-mixer model and gives the same logits
-    identity = timm.create_model(name, num_classes=10, token_mixer="identity").eval()
-    identity.load_state_dict(deploy.state_dict())
+    # the deploy block is x + GN''(x) then the MLP branch: no mixer, no first layer scale
+    assert all(isinstance(b.token_mixer, IdentityMixer) and isinstance(b.layer_scale1, torch.nn.Identity)
+               and isinstance(b.layer_scale2, Scale) for b in metaformer_blocks(deploy))
+    # the deploy state dict loads (strictly) into the folded identity-mixer model and gives the same logits
+    folded = timm.create_model(name, num_classes=10, token_mixer="identity", fold_layer_scale=True).eval()
+    folded.load_state_dict(deploy.state_dict())
     with torch.no_grad():
-        assert (identity(x) - ref).abs().max().item() <= 1e-4
+        assert (folded(x) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unfolded_deploy_model_folds_exactly(seed):
+    """A deploy model of the official layout (identity mixer, separate ls1: mmpretrain's deploy checkpoints) folds
+    its layer scale into the norm without changing the logits, whatever the (random) scales' signs."""
+    model = randomize(timm.create_model("riformer_nano", num_classes=10, token_mixer="identity"), seed).eval()
+    folded = timm.utils.reparameterize_model(model)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in folded.parameters()) == sum(
+        b.norm1.weight.numel() for b in metaformer_blocks(model))
+    x = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(seed + 10))
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert ref.abs().max() > 1e-2
+    assert (ref - out).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="fold_layer_scale=True is the deploy form"):
+        timm.create_model("riformer_nano", fold_layer_scale=True)
 
 
 def test_merge_formula_on_one_block():
@@ -45,9 +67,10 @@ def test_merge_formula_on_one_block():
     assert isinstance(block, RIFormerBlock)
     gamma, beta = block.norm1.weight.clone(), block.norm1.bias.clone()
     s, t = block.token_mixer.affine.weight.flatten().clone(), block.token_mixer.affine.bias.clone()
+    ls = block.layer_scale1.scale.flatten().clone()
     block.reparameterize()
-    torch.testing.assert_close(block.norm1.weight, gamma * (s - 1))
-    torch.testing.assert_close(block.norm1.bias, beta * (s - 1) + t)
+    torch.testing.assert_close(block.norm1.weight, ls * gamma * (s - 1))
+    torch.testing.assert_close(block.norm1.bias, ls * (beta * (s - 1) + t))
 
 
 def test_reparameterize_stage_on_real_images(small_fashion_mnist, tmp_path):
@@ -62,11 +85,11 @@ def test_reparameterize_stage_on_real_images(small_fashion_mnist, tmp_path):
     report = json.loads((tmp_path / "reparam.json").read_text())
     assert report["num_images"] == 200
     assert 0 <= report["max_abs_logit_diff"] <= 1e-4
-    assert report["params_train"] - report["params_deploy"] == 2 * sum(
+    assert report["params_train"] - report["params_deploy"] == 3 * sum(
         b.norm1.weight.numel() for b in metaformer_blocks(model))
     assert report["affine_modules_left"] == 0
     deploy = load_checkpoint(tmp_path / "deploy.pt")
-    assert deploy["model_kwargs"]["token_mixer"] == "identity"
+    assert deploy["model_kwargs"]["token_mixer"] == "identity" and deploy["model_kwargs"]["fold_layer_scale"]
     assert not any(isinstance(m, Affine) for m in model_from_checkpoint(deploy).modules())
 
 

@@ -5,8 +5,11 @@ Training-time block (paper Sec. 3.3, riformer.md Sec. 1):
     x = x + DropPath(ls1 * Affine(GN1(x))),   Affine(z) = s*z + t - z
     x = x + DropPath(ls2 * MLP(GN2(x)))
 Deploy-time block, after `timm.utils.reparameterize_model`:
-    x = x + DropPath(ls1 * GN1'(x)),   gamma' = gamma*(s-1),  beta' = beta*(s-1) + t
-i.e. the token mixer is gone ("identity after norm").
+    x = x + GN1''(x),   gamma'' = ls1*gamma*(s-1),  beta'' = ls1*(beta*(s-1) + t)
+i.e. the token mixer is gone ("identity after norm") and the first layer scale is folded into the merged norm
+too (`fold_layer_scale=True`: the block holds no `layer_scale1`). The paper's and mmpretrain's deploy block keep
+ls1 as a separate multiply (their deploy checkpoints load into `token_mixer='identity'`); folding it is exact
+and saves one pass over the feature map per block.
 
 `token_mixer` picks the mixer of the same backbone: 'pooling' (PoolFormer), 'identity'
 (token-mixer-free, Table 1; also the deploy form) or 'affine' (RIFormer training form).
@@ -19,7 +22,7 @@ from timm.layers import GroupNorm1
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
-from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling
+from timm.models.metaformer import MetaFormer, MetaFormerBlock, Pooling, Scale
 
 from ._checkpoint import check_fits
 
@@ -67,15 +70,20 @@ class RIFormerBlock(MetaFormerBlock):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Merge Affine into norm1 (riformer.md Sec. 1): gamma' = gamma*(s-1), beta' = beta*(s-1) + t."""
-        if not isinstance(self.token_mixer, Affine):
-            return
-        s = self.token_mixer.affine.weight.reshape(-1) - 1.0
-        t = self.token_mixer.affine.bias
+        """Merge Affine into norm1 (riformer.md Sec. 1): gamma' = gamma*(s-1), beta' = beta*(s-1) + t; then, with
+        no token mixer left, fold the layer scale in too: gamma'' = ls1*gamma', beta'' = ls1*beta'."""
         norm = self.norm1
-        norm.bias.copy_(norm.bias * s + t)
-        norm.weight.copy_(norm.weight * s)
-        self.token_mixer = IdentityMixer()
+        if isinstance(self.token_mixer, Affine):
+            s = self.token_mixer.affine.weight.reshape(-1) - 1.0
+            t = self.token_mixer.affine.bias
+            norm.bias.copy_(norm.bias * s + t)
+            norm.weight.copy_(norm.weight * s)
+            self.token_mixer = IdentityMixer()
+        if isinstance(self.token_mixer, IdentityMixer) and isinstance(self.layer_scale1, Scale):
+            ls = self.layer_scale1.scale.reshape(-1)
+            norm.bias.copy_(norm.bias * ls)
+            norm.weight.copy_(norm.weight * ls)
+            self.layer_scale1 = nn.Identity()
 
 
 class RIFormer(MetaFormer):
@@ -86,6 +94,9 @@ class RIFormer(MetaFormer):
         affine_init: see `Affine`.
         stem_stride: 4 (paper: 7x7 conv, stride 4, padding 2) or 2 (3x3 conv, stride 2, padding 1) for the
             small-input nano variants, so that every stage keeps a grid of at least 2x2 at 28-32 px.
+        fold_layer_scale: the deploy form (`token_mixer='identity'` only): no `layer_scale1` in any block, its
+            scale folded into norm1 by `reparameterize`. The deploy checkpoints of `python -m pipeline
+            reparameterize` describe this model.
         head_norm_first: True (default): the head of the papers and the official code (PoolFormer, mmpretrain's
             RIFormer): GroupNorm(1) on the final feature map, then global average pooling, then fc. False:
             timm's MetaFormer head (pool, then LayerNorm2d with eps 1e-6, then fc), for timm's own PoolFormer
@@ -93,9 +104,13 @@ class RIFormer(MetaFormer):
     """
 
     def __init__(self, token_mixer: str = "affine", affine_init: str = "identity", stem_stride: int = 4,
-                 head_norm_first: bool = True, in_chans: int = 3, dims=(64, 128, 320, 512), **kwargs):
+                 fold_layer_scale: bool = False, head_norm_first: bool = True, in_chans: int = 3,
+                 dims=(64, 128, 320, 512), **kwargs):
         if token_mixer not in TOKEN_MIXERS:
             raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}")
+        if fold_layer_scale and token_mixer != "identity":
+            raise ValueError(f"fold_layer_scale=True is the deploy form: it needs token_mixer='identity', "
+                             f"got {token_mixer!r}")
         mixer = TOKEN_MIXERS[token_mixer]
         if token_mixer == "affine":
             kwargs["init"] = affine_init
@@ -110,6 +125,8 @@ class RIFormer(MetaFormer):
                 module.__class__ = RIFormerBlock
             if isinstance(module, Affine):
                 module.reset_parameters()
+            if fold_layer_scale and isinstance(module, MetaFormerBlock):
+                module.layer_scale1 = nn.Identity()
         if stem_stride == 2:
             conv = self.stem.conv
             self.stem.conv = nn.Conv2d(in_chans, dims[0], kernel_size=3, stride=2, padding=1,
