@@ -92,15 +92,16 @@ def render(study: Study) -> str:
     decisions = [f"{R}/eval/{r}.decisions.json" for r in study.runs if study.is_adaptive(r)]
     predictions = [f"{R}/eval/{r}.predictions.npz" for r in study.runs]
     stages["evaluate"]["outs"] = predictions + decisions
-    exported = study.export_runs
-    stages["export"] = {
-        "cmd": "python -m pipeline export --profile ${profile} --no-progress",
-        "deps": (STAGE_CODE["export"] + [f"{R}/data"] + [deployed[study.runs.index(r)] for r in exported]
-                 + [f"{R}/eval/{r}.json" for r in exported]),
-        "params": _params("export"),
-        "outs": [f"{R}/export/{r}/model.onnx" for r in exported],
-        "metrics": [f"{R}/export/{r}/export.json" for r in exported] + [f"{R}/export/summary.json"],
-    }
+    for seed in study.settings["seeds"]:  # one job per seed, as in the Snakemake workflow
+        runs = [r for r in study.export_runs if study.run_specs[r][2] == seed]
+        stages[f"export-seed{seed}"] = {
+            "cmd": f"python -m pipeline export --profile ${{profile}} --seed {seed} --no-progress",
+            "deps": (STAGE_CODE["export"] + [f"{R}/data"] + [deployed[study.runs.index(r)] for r in runs]
+                     + [f"{R}/eval/{r}.json" for r in study.export_runs]),
+            "params": _params("export"),
+            "outs": [f"{R}/export/{r}/model.onnx" for r in runs],
+            "metrics": [f"{R}/export/{r}/export.json" for r in runs] + [f"{R}/export/summary-seed{seed}.json"],
+        }
     stages["latency-breakdown"] = {
         "cmd": "python -m pipeline latency-breakdown --profile ${profile}",
         "deps": STAGE_CODE["latency-breakdown"],

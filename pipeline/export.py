@@ -1,15 +1,16 @@
-"""`python -m pipeline export --profile P`: every MetaFormer student's deploy model as ONNX, checked in ONNX Runtime.
+"""`python -m pipeline export --profile P [--seed S]`: every MetaFormer student's deploy model as ONNX, checked
+in ONNX Runtime. One job per seed (they run in parallel: no timing here, one thread each).
 
 For each student run (AdaViT excepted: its per-input token skipping is not one static graph) the deploy model
 that `evaluate` reads is exported with a dynamic batch axis (results/<profile>/export/<run>/model.onnx), run in
 ONNX Runtime on the first `export.num_images` test images and compared with torch: a max |logit difference|
-over `export.tolerance` is an error, not a result. (ONNX Runtime's throughput is measured in `evaluate`'s one
-interleaved benchmark, where T6's PoolFormer and RIFormer deploy models run in both runtimes: no measurement here,
-so this stage runs on one thread beside others.)
+over `export.tolerance` is an error, not a result. ONNX Runtime's throughput is measured in `evaluate`'s
+interleaved benchmark, where T6's PoolFormer and RIFormer deploy models run in both runtimes.
 
 MLflow: each ONNX model is logged as an MLflow model (flavour onnx) with its signature (images -> logits),
-under this stage's run; the study's best student (the variant with the highest mean deploy top-1 over its
-seeds, its first seed's model) is registered as `riformer-<profile>-deploy` and given the alias `best`.
+under its job's run; the study's best student (the variant with the highest mean deploy top-1 over its
+seeds, its first seed's model) is registered by the first seed's job as `riformer-<profile>-deploy` and given
+the alias `best`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def ort_session(path: str | Path, threads: int):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ONNX Runtime's pool threads spin after each call by default: in an interleaved benchmark they would take the
+    # CPU from the model timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -91,7 +95,9 @@ def best_variant(study, runs: list[str]) -> str:
     return max(by_variant, key=lambda v: statistics.mean(by_variant[v]))
 
 
-def export_study(study, threads: int, progress: bool = True) -> dict:
+def export_study(study, seed: int, threads: int, progress: bool = True) -> dict:
+    """Export, check and log the students of one seed (a job of its own: the seeds' jobs run in parallel); the
+    first seed's job also registers the best student."""
     from mlflow.models import infer_signature
 
     from pipeline import tracking
@@ -101,9 +107,11 @@ def export_study(study, threads: int, progress: bool = True) -> dict:
     prepared = load_prepared(study.data_dir)
     img = study.settings["train"]["data"]["img_size"]
     images = next(iter(build_loader(prepared, "test", s["num_images"], img, train=False)))[0].contiguous()
-    runs = study.export_runs
-    results: dict = {"runs": {}, "tolerance": s["tolerance"], "opset": s["opset"]}
-    with tracking.stage_run(study.profile, "export", "all") as (mlflow, _):
+    if seed not in study.settings["seeds"]:
+        raise ValueError(f"export: seed {seed} is not one of profile {study.profile}'s seeds {study.settings['seeds']}")
+    runs = [r for r in study.export_runs if study.run_specs[r][2] == seed]
+    results: dict = {"seed": seed, "runs": {}, "tolerance": s["tolerance"], "opset": s["opset"]}
+    with tracking.stage_run(study.profile, "export", f"seed{seed}") as (mlflow, _):
         import onnx
         import onnxruntime
 
@@ -125,13 +133,13 @@ def export_study(study, threads: int, progress: bool = True) -> dict:
             mlflow.log_metric(f"onnx_max_abs_logit_diff/{run}", check["max_abs_logit_diff"])
             results["runs"][run] = check
 
-        best = best_variant(study, runs)
-        name = f"{tracking.experiment_name(study.profile)}-deploy"
-        version = mlflow.register_model(results["runs"][best]["model_uri"], name)
-        mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
-        results["registered"] = {"name": name, "version": int(version.version), "alias": ALIAS, "run": best}
-
-        write_json(study.export_summary_path, results)
+        if seed == study.settings["seeds"][0]:
+            best = best_variant(study, study.export_runs)  # its first seed's run is this job's
+            name = f"{tracking.experiment_name(study.profile)}-deploy"
+            version = mlflow.register_model(results["runs"][best]["model_uri"], name)
+            mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
+            results["registered"] = {"name": name, "version": int(version.version), "alias": ALIAS, "run": best}
+        write_json(study.export_summary_path(seed), results)
     print_summary(results)
     return results
 
@@ -140,18 +148,22 @@ def print_summary(results: dict) -> None:
     worst = max(results["runs"].values(), key=lambda r: r["max_abs_logit_diff"])
     print(f"{len(results['runs'])} deploy models exported; worst ONNX Runtime max |logit diff| "
           f"{worst['max_abs_logit_diff']:.2e} (tolerance {results['tolerance']})")
-    reg = results["registered"]
-    print(f"registered {reg['name']} version {reg['version']} (alias {reg['alias']!r}): {reg['run']}")
+    if "registered" in results:
+        reg = results["registered"]
+        print(f"registered {reg['name']} version {reg['version']} (alias {reg['alias']!r}): {reg['run']}")
 
 
 def run(args: argparse.Namespace) -> dict:
     from pipeline.study import load_study
 
     torch.set_num_threads(args.threads)
-    return export_study(load_study(args.profile), args.threads, progress=not args.no_progress)
+    study = load_study(args.profile)
+    seeds = study.settings["seeds"] if args.seed is None else [args.seed]
+    return {seed: export_study(study, seed, args.threads, progress=not args.no_progress) for seed in seeds}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    p.add_argument("--seed", type=int, help="export the students of this seed only (default: every seed, in turn)")
     p.add_argument("--no-progress", action="store_true")

@@ -45,7 +45,7 @@ def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Mod
     return model, deploy, deploy_ckpt
 
 
-def reparameterize_file(checkpoint, data, out, report, num_images=512, batch_size=128, img_size=32,
+def reparameterize_file(checkpoint, data, out, report, num_images=256, batch_size=128, img_size=32,
                         tolerance=1e-4) -> dict:
     ckpt = load_checkpoint(checkpoint)
     model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="one run of the study (default: every affine student of the profile)")
     p.add_argument("--checkpoint", help="training checkpoint (python -m pipeline train)")
     p.add_argument("--data", help="prepared dataset folder; its test split is the input")
-    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--num-images", type=int, default=256, help="test images the two forms are compared on")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=32, help="used when the checkpoint's config has none")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |logit difference| (fp32)")

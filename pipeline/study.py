@@ -181,10 +181,9 @@ class Study:
     def export_dir(self, run: str) -> Path:
         return self.results / "export" / run
 
-    @property
-    def export_summary_path(self) -> Path:
-        """The export stage's record: every ONNX check, the registered best student, the ONNX Runtime benchmark."""
-        return self.results / "export" / "summary.json"
+    def export_summary_path(self, seed: int) -> Path:
+        """An export job's record: every ONNX check of its seed's students (the first seed's: the registered best)."""
+        return self.results / "export" / f"summary-seed{seed}.json"
 
     def eval_path(self, run: str) -> Path:
         return self.results / "eval" / f"{run}.json"

@@ -67,23 +67,31 @@ rule latency_breakdown:
         "python -m pipeline latency-breakdown --profile {params.profile} --threads {threads} > {log} 2>&1"
 
 
-rule export:
-    input:
-        code=STAGE_CODE["export"],
-        models=[str(STUDY.deployed_model(r)) for r in STUDY.export_runs],
-        evals=[str(STUDY.eval_path(r)) for r in STUDY.export_runs],
-        data=f"{R}/data",
-    output:
-        onnx=[str(STUDY.export_dir(r) / "model.onnx") for r in STUDY.export_runs],
-        checks=[str(STUDY.export_dir(r) / "export.json") for r in STUDY.export_runs],
-        summary=str(STUDY.export_summary_path),
-    conda:
-        "../envs/pipeline.yaml"
-    log:
-        f"{LOGS}/export.log",
-    params:
-        profile=PROFILE,
-        settings=json.dumps(STUDY.settings["export"], sort_keys=True),
-    threads: 1  # no timing here (ONNX Runtime is timed in evaluate's benchmark): it may run beside the report
-    shell:
-        "python -m pipeline export --profile {params.profile} --threads {threads} --no-progress > {log} 2>&1"
+# ONNX export: one job per seed (rules export_seed<S>), side by side with each other and the report: no timing
+# here (ONNX Runtime is timed in evaluate's benchmark). The first seed's job registers the study's best student.
+for seed in STUDY.settings["seeds"]:
+    runs = [r for r in STUDY.export_runs if STUDY.run_specs[r][2] == seed]
+    rule:
+        name:
+            f"export_seed{seed}"
+        input:
+            code=STAGE_CODE["export"],
+            models=[str(STUDY.deployed_model(r)) for r in runs],
+            evals=[str(STUDY.eval_path(r)) for r in STUDY.export_runs],
+            data=f"{R}/data",
+        output:
+            onnx=[str(STUDY.export_dir(r) / "model.onnx") for r in runs],
+            checks=[str(STUDY.export_dir(r) / "export.json") for r in runs],
+            summary=str(STUDY.export_summary_path(seed)),
+        conda:
+            "../envs/pipeline.yaml"
+        log:
+            f"{LOGS}/export-seed{seed}.log",
+        params:
+            profile=PROFILE,
+            seed=seed,
+            settings=json.dumps(STUDY.settings["export"], sort_keys=True),
+        threads: 1
+        shell:
+            "python -m pipeline export --profile {params.profile} --seed {params.seed} --threads {threads} "
+            "--no-progress > {log} 2>&1"
