@@ -228,9 +228,12 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     reference_run = next(r["run"] for r in t6["rows"] if r["row"] == t6["reference"])
     b = study.settings["evaluate"]["benchmark"]
     torch.set_num_threads(threads or b["threads"])
-    # T6's PoolFormer and RIFormer deploy models also run in ONNX Runtime (the export stage's runtime), CPU only
-    onnx = [runs[reference_run]] + [runs[r["run"]] for r in t6["rows"] if r["row"] == "riformer_s12"][:1]
-    onnx = onnx if b["device"] == "cpu" and b["dtype"] == "float32" else []
+    # T6's PoolFormer (its reference) and RIFormer deploy models also run in ONNX Runtime (the export stage's
+    # runtime), on the CPU in fp32, when both are students the export stage exports (not a GFNet, whose FFTs
+    # the TorchScript exporter cannot write, as in a trimmed T6)
+    pair = [reference_run] + [r["run"] for r in t6["rows"] if r["row"] == "riformer_s12"][:1]
+    exportable = len(pair) == 2 and all(r in study.export_runs for r in pair)
+    onnx = [runs[r] for r in pair] if exportable and b["device"] == "cpu" and b["dtype"] == "float32" else []
     from pipeline.data import build_loader, load_prepared
     prepared = load_prepared(study.data_dir)
     in_chans = prepared.meta["in_chans"]
