@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline.benchmark import ORT
 from pipeline.data import build_loader, load_prepared
 from pipeline.io import atomic_path, model_from_checkpoint, read_json, write_json
+from pipeline.reparameterize import max_logit_difference
 
 ALIAS = "best"
 
@@ -62,18 +63,6 @@ class OrtModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: images.numpy()})[0])
-
-
-@torch.no_grad()
-def max_logit_difference(model: torch.nn.Module, session, batches) -> dict:
-    ort_model = OrtModel(session)
-    diff, scale, n = 0.0, 0.0, 0
-    for images, _ in batches:
-        images = images.contiguous()
-        ref = model(images)
-        diff = max(diff, (ref - ort_model(images)).abs().max().item())
-        scale, n = max(scale, ref.abs().max().item()), n + len(images)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "num_images": n}
 
 
 def onnx_pair(models: dict[str, torch.nn.Module], example: torch.Tensor, folder: Path,
@@ -120,7 +109,7 @@ def export_study(study, seed: int, threads: int, progress: bool = True) -> dict:
             model = model_from_checkpoint(checked_checkpoint(study, run, study.deployed_model(run))).eval()
             path = study.export_dir(run) / "model.onnx"
             export_onnx(model, images[:2], path, s["opset"])
-            check = max_logit_difference(model, ort_session(path, threads), [(images, None)])
+            check = max_logit_difference(model, OrtModel(ort_session(path, threads)), [(images, None)])
             if check["max_abs_logit_diff"] > s["tolerance"]:
                 raise RuntimeError(f"{path}: ONNX Runtime's logits differ from torch's by "
                                    f"{check['max_abs_logit_diff']:.3g} > export.tolerance {s['tolerance']}")

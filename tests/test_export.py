@@ -8,7 +8,8 @@ from test_reparameterize import randomize
 
 import pipeline.models  # noqa: F401
 from pipeline.benchmark import ORT
-from pipeline.export import export_onnx, max_logit_difference, ort_session
+from pipeline.export import OrtModel, export_onnx, ort_session
+from pipeline.reparameterize import max_logit_difference
 
 
 @pytest.mark.parametrize("name,kwargs", [("riformer_nano", {}), ("poolformer_nano", {})])
@@ -16,7 +17,7 @@ def test_onnx_runtime_matches_torch_on_the_deploy_model(tmp_path, name, kwargs):
     model = timm.utils.reparameterize_model(randomize(timm.create_model(name, num_classes=10, in_chans=1, **kwargs)))
     g = torch.Generator().manual_seed(0)
     export_onnx(model, torch.randn(2, 1, 32, 32, generator=g), tmp_path / "m.onnx")
-    session = ort_session(tmp_path / "m.onnx", threads=1)
+    session = OrtModel(ort_session(tmp_path / "m.onnx", threads=1))
     # the batch axis is dynamic: other batch sizes than the example's run and agree
     batches = [(torch.randn(n, 1, 32, 32, generator=g), None) for n in (1, 5, 16)]
     check = max_logit_difference(model.eval(), session, batches)
