@@ -245,6 +245,9 @@ def study_benchmark(study, threads: int | None = None) -> dict:
                               b["repeats"], b["iters"], reference=runs[reference_run], images=images,
                               onnxruntime=onnx)
     result.update(profile=study.profile, runs=runs, protocol="study", adaptive={})
+    sizes = study.settings["evaluate"].get("sizes") or {}
+    if sizes.get("names"):
+        result["sizes"] = size_benchmark(sizes, device, dtype)
     for run in adaptive:  # speed-up over the dense DeiT it was initialised from, at batch 1 and grouped
         dense = runs[study.init_source(run)]
         a = b["adaptive"]
@@ -252,6 +255,17 @@ def study_benchmark(study, threads: int | None = None) -> dict:
             models[dense].to(device), models[runs[run]].to(device), images.to(device, dtype), b["batch_size"],
             a["batch_1_images"], b["warmup"], b["repeats"], b["iters"])}
     return result
+
+
+def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """T6 at every size: PoolFormer-X and deploy RIFormer-X for each size X of `s["names"]` (s12 ... m48) at
+    ImageNet shape (3 x img_size^2, 1000 classes), untrained weights, in one interleaved run; each RIFormer's
+    per-round ratio to its PoolFormer is the report's (`ratio_to_reference` here is to the first PoolFormer)."""
+    img = s["img_size"]
+    models = {spec: build_model(spec, 1000, 3, img) for size in s["names"]
+              for spec in (f"poolformer_{size}", f"riformer_{size}:deploy")}
+    return benchmark_models(models, (3, img, img), s["batch_size"], device, dtype, s["warmup"], s["repeats"],
+                            s["iters"], reference=f"poolformer_{s['names'][0]}")
 
 
 def fast_path_label(label: str) -> str:

@@ -133,7 +133,7 @@ def _pair_arrows(ax, points: dict, study) -> None:
 
 def ablation_bars(tables, folder: Path) -> str:
     """One panel per ablation table: the change from the reference row, ours beside the paper's."""
-    names = [t for t in ("T1", "T2", "T3", "T4", "T5", "PL", "T7", "T8") if t in tables]
+    names = [t for t in ("T1", "T2", "T3", "T4", "T5", "PL", "T7", "T8", "T9") if t in tables]
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(14, 3.4 * math.ceil(len(names) / cols)))
     for ax, name in zip(axes.flat, names, strict=False):

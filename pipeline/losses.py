@@ -62,7 +62,8 @@ def default_blocks(depths: list[int], layers: int) -> list[int]:
 
 
 def token_relation(x: torch.Tensor) -> torch.Tensor:
-    """R(T) = T~ T~^T with T~ the tokens (B, HW, C) normalised along channels: (B, HW, HW)."""
+    """R(T) = T~ T~^T with T~ the tokens (B, HW, C) normalised along channels: (B, HW, HW). `x`: (B, C, H, W) or
+    (B, C, HW)."""
     tokens = F.normalize(x.flatten(2).transpose(1, 2), dim=-1)
     return tokens @ tokens.transpose(1, 2)
 
@@ -87,7 +88,9 @@ class _Capture:
     @staticmethod
     def _store(target, i):
         def hook(module, inputs, output):
-            target[i] = output
+            # as (B, C, tokens): a convolutional stage's (B, C, H, W) and an attention stage's (B, H*W, C) (CAFormer's
+            # stages 3-4) compare token by token
+            target[i] = output.flatten(2) if output.dim() == 4 else output.transpose(1, 2)
         return hook
 
     def remove(self):

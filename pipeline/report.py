@@ -45,6 +45,7 @@ SIZE_METRICS = {"params_m": ("params", 1e6), "macs_g": ("macs", 1e9)}
 THROUGHPUTS = (THROUGHPUT, THROUGHPUT_FAST)
 RATIO_METRICS = (*THROUGHPUTS, *SIZE_METRICS)
 MISSING = "—"
+PAPER_ONLY = "paper only"  # a cell of a size not trained here: the paper's value is the only one
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
            "reparameterization_error", "adavit_decisions"]
 
@@ -141,6 +142,31 @@ class Results:
             value = mean_interval(paired_table([self.correct(variant)]), self.level, self.power).scaled(100)
         return Cell(value, "ok" if value else "missing", self.run_ids(variant))
 
+    def arch_cell(self, arch: str, metric: str) -> Cell:
+        """A row of an architecture of evaluate's size benchmark (T6 at every size): params, MACs, throughput;
+        its top-1 is the paper's only (not trained here)."""
+        row = ((self.benchmark or {}).get("sizes") or {}).get("models", {}).get(arch)
+        if metric not in THROUGHPUTS and metric not in SIZE_METRICS:
+            return Cell(state=PAPER_ONLY)
+        if row is None:
+            return Cell(state="missing")
+        if metric in THROUGHPUTS:
+            return Cell(median_interval(row["throughput"]["samples"], self.level))
+        key, scale = SIZE_METRICS[metric]
+        return Cell(exact(row[key] / scale))
+
+    def arch_delta(self, metric: str, arch: str, reference: str) -> Interval | None:
+        """Ratio of two architectures of the size benchmark: per interleaved round for throughput."""
+        models = ((self.benchmark or {}).get("sizes") or {}).get("models", {})
+        a, b = models.get(arch), models.get(reference)
+        if a is None or b is None:
+            return None
+        if metric in THROUGHPUTS:
+            pairs = zip(a["throughput"]["samples"], b["throughput"]["samples"], strict=True)
+            return median_interval([x / y for x, y in pairs], self.level)
+        key = SIZE_METRICS[metric][0]
+        return exact(a[key] / b[key])
+
     def throughput_samples(self, variant: str, metric: str = THROUGHPUT) -> list[float] | None:
         """Images/s of the variant's deploy architecture in each interleaved round of the benchmark."""
         label = (self.benchmark or {}).get("runs", {}).get(variant)
@@ -183,23 +209,29 @@ class Row:
     paper: float | None
     ours_delta: Interval | None = None
     paper_delta: float | None = None
+    reference: str = ""       # the row its Δ is taken against: its own `reference`, else the table's
+    arch: str | None = None   # a row of the size benchmark (no run)
+    note: str = ""            # why a row has no run of ours
 
 
 def build_table(name: str, results: Results, paper: dict) -> list[Row]:
     spec = results.study.tables[name]
+    paper_table = spec.get("paper_table", name)  # T6-sizes prints T6's numbers
     rows = []
     for r in spec["rows"]:
         metric = r.get("metric", "top1")
-        rows.append(Row(name, r["row"], metric, r.get("run"), results.cell(r.get("run"), metric),
-                        paper.get((name, r["row"], metric))))
-    refs = {r.metric: r for r in rows if r.row == spec["reference"]}
+        cell = results.arch_cell(r["arch"], metric) if "arch" in r else results.cell(r.get("run"), metric)
+        rows.append(Row(name, r["row"], metric, r.get("run"), cell, paper.get((paper_table, r["row"], metric)),
+                        reference=r.get("reference", spec["reference"]), arch=r.get("arch"), note=r.get("note", "")))
+    by_row = {(r.row, r.metric): r for r in rows}
     for r in rows:
         # the fast path's throughput is compared with the reference row's throughput
-        ref = refs.get(THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric)
+        ref = by_row.get((r.reference, THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric))
         if ref is None:
             continue
         if r.ours.ok and ref.ours.ok:
-            r.ours_delta = results.delta(r.metric, [r.run], [ref.run], ref.metric)
+            r.ours_delta = (results.arch_delta(r.metric, r.arch, ref.arch) if r.arch else
+                            results.delta(r.metric, [r.run], [ref.run], ref.metric))
         r.paper_delta = _paper_delta(r.metric, r.paper, ref.paper)
     return rows
 
@@ -212,7 +244,7 @@ def _paper_delta(metric: str, value: float | None, reference: float | None) -> f
 
 def fmt_cell(cell: Cell, metric: str) -> str:
     if not cell.ok:
-        return cell.state if cell.state == "stale" else MISSING
+        return cell.state if cell.state in ("stale", PAPER_ONLY) else MISSING
     v = cell.value
     if metric in THROUGHPUTS:
         return f"{v.mean:.0f} [{v.low:.0f}, {v.high:.0f}]"
@@ -259,17 +291,25 @@ def _num(x: float | None) -> str:
 
 
 def table_markdown(name: str, rows: list[Row], title: str, reference: str, link) -> str:
+    references = sorted({r.reference for r in rows})
+    others = [f"`{x}`" for x in references if x != reference]
     lines = [f"### {name}: {title}", "",
-             f"Reference row: `{reference}`. Δ: top-1 in points, throughput / params / MACs as a ratio. "
+             f"Reference row: `{reference}`" + (f" (and {', '.join(others)} for the rows that name it)"
+                                                if others else "")
+             + ". Δ: top-1 in points, throughput / params / MACs as a ratio. "
              "Intervals: 95%, over the seeds and test images for top-1, over the interleaved rounds for throughput; "
              "seeds: how many seeds the Δ pairs (1 where a teacher, trained once, is involved).", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
-        runs = " ".join(link(rid) for rid in r.ours.run_ids) if r.ours.run_ids else (
-            "not run in this project" if r.run is None else r.ours.state)
+        if r.arch:
+            runs = ("the paper's value only: this size is not trained here" if r.ours.state == PAPER_ONLY
+                    else f"size benchmark `{r.arch}`")
+        else:
+            runs = " ".join(link(rid) for rid in r.ours.run_ids) if r.ours.run_ids else (
+                f"not run in this project{': ' + r.note if r.note else ''}" if r.run is None else r.ours.state)
         seeds = str(r.ours_delta.seeds) if r.ours_delta and r.metric not in RATIO_METRICS else ""
         deltas = [fmt_delta(r.ours_delta, r.metric), fmt_delta(r.paper_delta, r.metric)]
-        if r.row == reference:
+        if r.row in references:
             deltas, seeds = ["reference", "reference"], ""
         lines.append(f"| {r.row} | {r.metric} | {fmt_cell(r.ours, r.metric)} | {fmt_paper(r.paper)} | "
                      f"{deltas[0]} | {deltas[1]} | {seeds} | {runs} |")

@@ -336,8 +336,10 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
         for row in table.get("rows", []):
             if row.get("run") is not None and row["run"] not in study.teachers and row["run"] not in study.variants:
                 errors.append(f"study.yaml tables.{t} row {row.get('row')}: unknown run {row['run']!r}")
-        if table.get("reference") not in {r.get("row") for r in table.get("rows", [])}:
-            errors.append(f"study.yaml tables.{t}: reference {table.get('reference')!r} is not one of its rows")
+        names = {r.get("row") for r in table.get("rows", [])}
+        for ref in {table.get("reference")} | {r["reference"] for r in table.get("rows", []) if "reference" in r}:
+            if ref not in names:
+                errors.append(f"study.yaml tables.{t}: reference {ref!r} is not one of its rows")
     for g in study.guidelines:
         where = f"study.yaml guidelines {g.get('id')}"
         if g.get("direction") not in ("above", "below") or not isinstance(g.get("threshold"), int | float):

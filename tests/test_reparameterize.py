@@ -17,19 +17,21 @@ def randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(k in name for k in ("token_mixer", "norm", "layer_scale")):
+            if any(k in name for k in ("token_mixer", "norm", "layer_scale", "res_scale")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (0.5 if name.endswith("weight") else 0.0))
     return model
 
 
 @pytest.mark.parametrize("name", ["riformer_s12", "riformer_s24", "riformer_s36", "riformer_m36", "riformer_m48",
-                                  "riformer_nano"])
+                                  "riformer_nano", "riformerv2_s12", "riformerv2_n12", "riformerv2_n18"])
 def test_randomized_equivalence(name):
+    """Also for the MetaFormer-baseline students (T9): no layer scale, res-scale, norms without bias (the merged
+    norm gets one)."""
     model = randomize(timm.create_model(name, num_classes=10)).eval()
     deploy = timm.utils.reparameterize_model(model)
     assert not any(isinstance(m, Affine) for m in deploy.modules())
     assert any(isinstance(m, Affine) for m in model.modules())  # the original is left untouched
-    size = 32 if name.endswith("nano") else 64
+    size = 32 if model.in_chans == 1 else 64
     x = torch.randn(4, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, out = model(x), deploy(x)
@@ -37,7 +39,8 @@ def test_randomized_equivalence(name):
     assert (ref - out).abs().max().item() <= 1e-4
     # the deploy block is x + GN''(x) then the MLP branch: no mixer, no first layer scale
     assert all(isinstance(b.token_mixer, IdentityMixer) and isinstance(b.layer_scale1, torch.nn.Identity)
-               and isinstance(b.layer_scale2, Scale) for b in metaformer_blocks(deploy))
+               and isinstance(b.layer_scale2, Scale) == ("v2" not in name) and b.norm1.bias is not None
+               for b in metaformer_blocks(deploy))
     # the deploy state dict loads (strictly) into the folded identity-mixer model and gives the same logits
     folded = timm.create_model(name, num_classes=10, token_mixer="identity", fold_layer_scale=True).eval()
     folded.load_state_dict(deploy.state_dict())

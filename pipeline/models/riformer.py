@@ -74,6 +74,8 @@ class RIFormerBlock(MetaFormerBlock):
         no token mixer left, fold the layer scale in too: gamma'' = ls1*gamma', beta'' = ls1*beta'."""
         norm = self.norm1
         if isinstance(self.token_mixer, Affine):
+            if norm.bias is None:  # a norm without bias (MetaFormer-baseline students): the merged one has one
+                norm = self.norm1 = _with_bias(norm)
             s = self.token_mixer.affine.weight.reshape(-1) - 1.0
             t = self.token_mixer.affine.bias
             norm.bias.copy_(norm.bias * s + t)
@@ -86,16 +88,29 @@ class RIFormerBlock(MetaFormerBlock):
             self.layer_scale1 = nn.Identity()
 
 
+def _with_bias(norm: nn.Module) -> GroupNorm1:
+    """A GroupNorm(1) with `norm`'s weight, eps and a zero bias, for a GroupNorm(1) without bias (timm's
+    GroupNorm1NoBias, the MetaFormer baselines' LayerNormGeneral over (C, H, W))."""
+    if not isinstance(norm, GroupNorm1):
+        raise TypeError(f"the affine mixer merges into a GroupNorm(1); got {type(norm).__name__}")
+    out = GroupNorm1(norm.num_channels, eps=norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(norm.weight)
+        out.bias.zero_()
+    return out
+
+
 class RIFormer(MetaFormer):
     """PoolFormer-shaped MetaFormer with a selectable token mixer.
 
     Args beyond timm's MetaFormer:
-        token_mixer: 'affine' | 'identity' | 'pooling'.
+        token_mixer: 'affine' | 'identity' | 'pooling', or one entry per stage, each such a name or a token-mixer
+            class (pipeline/models/metaformer_v2.py: RandFormer, ConvFormer, CAFormer).
         affine_init: see `Affine`.
         stem_stride: 4 (paper: 7x7 conv, stride 4, padding 2) or 2 (3x3 conv, stride 2, padding 1) for the
             small-input nano variants, so that every stage keeps a grid of at least 2x2 at 28-32 px.
         fold_layer_scale: the deploy form (`token_mixer='identity'` only): no `layer_scale1` in any block, its
-            scale folded into norm1 by `reparameterize`. The deploy checkpoints of `python -m pipeline
+            scale folded into norm1 by `reparameterize`, and norm1 has a bias where the training form's has none. The deploy checkpoints of `python -m pipeline
             reparameterize` describe this model.
         head_norm_first: True (default): the head of the papers and the official code (PoolFormer, mmpretrain's
             RIFormer): GroupNorm(1) on the final feature map, then global average pooling, then fc. False:
@@ -106,17 +121,20 @@ class RIFormer(MetaFormer):
     def __init__(self, token_mixer: str = "affine", affine_init: str = "identity", stem_stride: int = 4,
                  fold_layer_scale: bool = False, head_norm_first: bool = True, in_chans: int = 3,
                  dims=(64, 128, 320, 512), **kwargs):
-        if token_mixer not in TOKEN_MIXERS:
-            raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, got {token_mixer!r}")
+        per_stage = isinstance(token_mixer, list | tuple)
+        names = [m for m in (token_mixer if per_stage else [token_mixer]) if isinstance(m, str)]
+        if any(m not in TOKEN_MIXERS for m in names):
+            raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)} (or one per stage), got "
+                             f"{token_mixer!r}")
         if fold_layer_scale and token_mixer != "identity":
             raise ValueError(f"fold_layer_scale=True is the deploy form: it needs token_mixer='identity', "
                              f"got {token_mixer!r}")
-        mixer = TOKEN_MIXERS[token_mixer]
-        if token_mixer == "affine":
+        mixers = [TOKEN_MIXERS[m] if isinstance(m, str) else m for m in (token_mixer if per_stage else [token_mixer])]
+        if "affine" in names:
             kwargs["init"] = affine_init
         if head_norm_first:
             kwargs.setdefault("output_norm", GroupNorm1)
-        super().__init__(in_chans=in_chans, dims=dims, token_mixers=mixer, **kwargs)
+        super().__init__(in_chans=in_chans, dims=dims, token_mixers=mixers if per_stage else mixers[0], **kwargs)
         self.token_mixer = token_mixer
         self.head_norm_first = head_norm_first
         # timm's MetaFormerStage hard-codes its block class; RIFormerBlock only adds reparameterize().
@@ -127,6 +145,8 @@ class RIFormer(MetaFormer):
                 module.reset_parameters()
             if fold_layer_scale and isinstance(module, MetaFormerBlock):
                 module.layer_scale1 = nn.Identity()
+                if module.norm1.bias is None:
+                    module.norm1 = _with_bias(module.norm1)
         if stem_stride == 2:
             conv = self.stem.conv
             self.stem.conv = nn.Conv2d(in_chans, dims[0], kernel_size=3, stride=2, padding=1,
