@@ -87,6 +87,10 @@ def compare(profile: str) -> bool:
         raise SystemExit(f"compare: no fresh report in {study.report_dir}; run the study first")
     all_ok = True
     for name in study.tables:
+        if not (ref_dir / f"{name}.csv").is_file():  # a table added since the reference was published
+            print(f"{name}: not in the committed reference (a new table); `make publish` adds it")
+            all_ok = False
+            continue
         fresh, ref = _rows(fresh_dir / f"{name}.csv"), _rows(ref_dir / f"{name}.csv")
         if "ours_low" not in next(iter(ref.values()), {"ours_low": ""}):
             print(f"{name}: the committed table has no intervals (written by an older version); not compared")

@@ -3,6 +3,7 @@ a missing and a stale run, the three verdicts, and the comparison with a committ
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +59,9 @@ def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
         "device_name": "test CPU", "reference": "pool", "runs": archs, "repeats": 7,
         "models": {"pool": {"throughput": rounds(100.0)}, "rif": {"throughput": rounds(120.0)},
                    "ada": {"throughput": rounds(80.0)}, "ada (fast path)": {"throughput": rounds(160.0)}},
-        "adaptive": {"adavit": {"dense": "rif", "batch_1": {"images": 4, "fast": {"ratio_to_dense": ratio}}}}})
+        "adaptive": {"adavit": {"dense": "rif", "batch_1": {"images": 4, "fast": {"ratio_to_dense": ratio}}}},
+        "sizes": {"models": {"poolformer_s12": {"params": 11.9e6, "macs": 1.8e9, "throughput": rounds(100.0)},
+                             "riformer_s12:deploy": {"params": 11.9e6, "macs": 1.8e9, "throughput": rounds(130.0)}}}})
     write_json(study.latency_path, {
         "device_name": "test CPU", "batch_size": 2, "img_size": 224,
         "steps": [{"step": s, "cumulative_ms": 10.0 * (i + 1), "min_ms": 9.0, "max_ms": 11.0}
@@ -127,6 +130,29 @@ def test_tables_with_intervals_and_a_missing_run(study, tmp_path):
         assert f"figures/{name}.png" in readme and (out / "figures" / f"{name}.pdf").is_file()
 
 
+def test_rows_with_their_own_reference_and_size_benchmark_rows(study):
+    """T9's 18-layer rows are compared with s18-none, not the table's s12-none; T6-sizes rows come from the size
+    benchmark, each RIFormer against the PoolFormer of its size, their top-1 the paper's only."""
+    fake_results(study, paper_like({"v2-12-none": 70.0, "v2-18-none": 75.0, "v2-18-convformer-mi": 77.0}),
+                 jitter=0.05)
+    write_report(study, study.report_dir)
+    tables = study.report_dir / "tables"
+    t9 = {r["row"]: r for r in csv.DictReader(open(tables / "T9.csv"))}
+    assert float(t9["s18-convformer_s18"]["ours_delta"]) == pytest.approx(2.0, abs=0.05)  # vs s18-none (75)
+    assert float(t9["s18-convformer_s18"]["paper_delta"]) == pytest.approx(77.53 - 75.01)
+    assert float(t9["s12-poolformerv2_s12"]["ours_delta"]) == pytest.approx(2.0, abs=0.05)  # 72 vs s12-none (70)
+    assert "(and `s18-none` for the rows that name it)" in (tables / "T9.md").read_text()
+    sizes = {(r["row"], r["metric"]): r for r in csv.DictReader(open(tables / "T6-sizes.csv"))}
+    thr = sizes["riformer_s12", "throughput"]
+    assert float(thr["ours_delta"]) == pytest.approx(1.3, abs=0.01)  # per-round ratio to PoolFormer-S12
+    assert float(thr["ours_delta_low"]) < 1.3 < float(thr["ours_delta_high"])
+    assert float(thr["paper"]) == 4899.80 and float(thr["paper_delta"]) == pytest.approx(4899.80 / 4160.18, rel=1e-5)
+    assert sizes["riformer_s12", "top1"]["state"] == "paper only" and sizes["riformer_s12", "top1"]["ours"] == ""
+    assert sizes["riformer_s24", "params_m"]["state"] == "missing"  # smoke's size benchmark has S12 only
+    md = (tables / "T6-sizes.md").read_text()
+    assert "| riformer_s12 | top1 | paper only | 76.90 |" in md and "this size is not trained here" in md
+
+
 def test_figures_are_byte_identical_on_rerun(study):
     fake_results(study, paper_like(), jitter=0.05)
     write_report(study, study.report_dir)
@@ -184,6 +210,9 @@ def test_compare_with_the_committed_reference(study, capsys):
     out = capsys.readouterr().out
     assert "PL: 2 difference(s)" in out and "mi-gfnet-partial-init top1: committed 80.00 outside" in out
     assert "T1: reproduced" in out and "guideline 5: contradicted (committed: supported)" in out
+    (Path("reports/smoke/tables") / "T9.csv").unlink()  # a table added after the reference was published
+    assert not compare("smoke")
+    assert "T9: not in the committed reference (a new table)" in capsys.readouterr().out
 
 
 def test_several_seeds_pair_by_seed(tmp_path, monkeypatch):
