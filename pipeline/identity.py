@@ -24,8 +24,7 @@ from pipeline.tracking import REPO_ROOT
 
 # The code each stage runs: a change to it reruns the stage in both drivers, and changes the identity of
 # every training run (train's files).
-_MODELS = ["pipeline/models/__init__.py", "pipeline/models/riformer.py", "pipeline/models/gfnet.py",
-           "pipeline/models/lightvit.py", "pipeline/models/adavit.py"]
+_MODELS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "pipeline" / "models").glob("*.py"))
 STAGE_CODE = {
     "prepare-data": ["pipeline/data.py"],
     "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py",

@@ -224,6 +224,9 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
         rows.append(Row(name, r["row"], metric, r.get("run"), cell, paper.get((paper_table, r["row"], metric)),
                         reference=r.get("reference", spec["reference"]), arch=r.get("arch"), note=r.get("note", "")))
     by_row = {(r.row, r.metric): r for r in rows}
+    for r in rows:  # a row others are compared with is a reference itself (T9's s18-none, T6-sizes' PoolFormers)
+        if any(other.reference == r.row for other in rows):
+            r.reference = r.row
     for r in rows:
         # the fast path's throughput is compared with the reference row's throughput
         ref = by_row.get((r.reference, THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric))

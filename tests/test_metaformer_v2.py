@@ -2,13 +2,13 @@
 import pytest
 import timm
 import torch
-from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, SepConv
+from timm.models.metaformer import Attention, SepConv
 
 import pipeline.models  # noqa: F401
 from pipeline.benchmark import count_params
 from pipeline.config import MICfg
 from pipeline.losses import ModuleImitation
-from pipeline.models.metaformer_v2 import RandomMixing
+from pipeline.models.metaformer_v2 import CA_NORMS, CONV_NORMS, RandomMixing
 
 
 def test_random_mixing_is_a_frozen_row_stochastic_token_matrix():
@@ -32,13 +32,13 @@ def test_random_mixing_is_a_frozen_row_stochastic_token_matrix():
 
 @pytest.mark.parametrize("timm_name,kwargs", [
     ("poolformerv2_s12", {"token_mixer": "pooling"}),
-    ("convformer_s18", {"token_mixer": SepConv, "norm_layers": LayerNorm2dNoBias, "use_mlp_head": True}),
-    ("caformer_s18", {"token_mixer": [SepConv, SepConv, Attention, Attention], "use_mlp_head": True,
-                      "norm_layers": [LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2}),
+    ("convformer_s18", {"token_mixer": SepConv, **CONV_NORMS}),
+    ("caformer_s18", {"token_mixer": [SepConv, SepConv, Attention, Attention], **CA_NORMS}),
 ])
 def test_baselines_compute_what_timm_computes(timm_name, kwargs):
-    """Our MetaFormer-baseline family (RIFormer class, v2 architecture) loads timm's published-architecture
-    models key for key and gives their logits: the nano teachers are these models at another size."""
+    """Our MetaFormer-baseline family (RIFormer class, v2 architecture, with the norms and heads the nano
+    teachers are built with) loads timm's published-architecture models key for key and gives their logits: the
+    nano teachers are these models at another size."""
     depths = "riformerv2_s18" if timm_name.endswith("18") else "riformerv2_s12"
     torch.manual_seed(0)
     ref = timm.create_model(timm_name).eval()
@@ -74,3 +74,17 @@ def test_swin_nano_fits_the_nano_grids():
     # stage grids 16, 8, 4, 2: the window (4) shrinks to the last stage's 2x2 grid
     assert [tuple(s.output_resolution) for s in model.layers] == [(16, 16), (8, 8), (4, 4), (2, 2)]
     assert tuple(model.layers[3].blocks[0].window_size) == (2, 2)
+
+
+def test_deploy_norm_of_a_bias_free_student_keeps_its_eps():
+    """The merged norm of the T9 students gets a bias and keeps GroupNorm1NoBias's eps (1e-6, not GroupNorm's
+    1e-5: a difference the logits barely show), in the re-parameterized and in the constructed deploy form."""
+    model = timm.create_model("riformerv2_n12", num_classes=10)
+    assert {b.norm1.eps for s in model.stages for b in s.blocks} == {1e-6}
+    deploy = timm.utils.reparameterize_model(model)
+    built = timm.create_model("riformerv2_n12", num_classes=10, token_mixer="identity", fold_layer_scale=True)
+    for m in (deploy, built):
+        norms = [b.norm1 for s in m.stages for b in s.blocks]
+        assert all(n.bias is not None and n.eps == 1e-6 for n in norms)
+    with pytest.raises(ValueError, match="without 'affine'"):
+        timm.create_model("riformerv2_n12", token_mixer=["affine", "identity", "identity", "identity"])

@@ -60,7 +60,7 @@ def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
         "models": {"pool": {"throughput": rounds(100.0)}, "rif": {"throughput": rounds(120.0)},
                    "ada": {"throughput": rounds(80.0)}, "ada (fast path)": {"throughput": rounds(160.0)}},
         "adaptive": {"adavit": {"dense": "rif", "batch_1": {"images": 4, "fast": {"ratio_to_dense": ratio}}}},
-        "sizes": {"models": {"poolformer_s12": {"params": 11.9e6, "macs": 1.8e9, "throughput": rounds(100.0)},
+        "sizes": {"models": {"riformer_s12:pooling": {"params": 11.9e6, "macs": 1.8e9, "throughput": rounds(100.0)},
                              "riformer_s12:deploy": {"params": 11.9e6, "macs": 1.8e9, "throughput": rounds(130.0)}}}})
     write_json(study.latency_path, {
         "device_name": "test CPU", "batch_size": 2, "img_size": 224,
@@ -141,6 +141,7 @@ def test_rows_with_their_own_reference_and_size_benchmark_rows(study):
     assert float(t9["s18-convformer_s18"]["ours_delta"]) == pytest.approx(2.0, abs=0.05)  # vs s18-none (75)
     assert float(t9["s18-convformer_s18"]["paper_delta"]) == pytest.approx(77.53 - 75.01)
     assert float(t9["s12-poolformerv2_s12"]["ours_delta"]) == pytest.approx(2.0, abs=0.05)  # 72 vs s12-none (70)
+    assert float(t9["s18-none"]["ours_delta"]) == 0.0 and float(t9["s18-none"]["paper_delta"]) == 0.0  # a reference
     assert "(and `s18-none` for the rows that name it)" in (tables / "T9.md").read_text()
     sizes = {(r["row"], r["metric"]): r for r in csv.DictReader(open(tables / "T6-sizes.csv"))}
     thr = sizes["riformer_s12", "throughput"]

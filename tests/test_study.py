@@ -23,8 +23,8 @@ def edit(path, update):
 def test_the_grid_resolves():
     study = load_study("default", check_data=False)
     seeds = study.settings["seeds"]
-    assert len(study.teacher_runs) == 4 and len(study.variants) == 27
-    assert len(study.student_runs) == 27 * len(seeds)  # every student variant once per seed, teachers once
+    assert len(study.teacher_runs) == 9 and len(study.variants) == 35
+    assert len(study.student_runs) == 35 * len(seeds)  # every student variant once per seed, teachers once
     last = study.run_config(f"affine-mi-partial-seed{seeds[-1]}")
     assert last.variant == "affine-mi-partial" and last.seed == seeds[-1]
     # a variant that several tables use is one run: T3's label-free soft run is T4's first row and T5's
@@ -40,9 +40,15 @@ def test_the_grid_resolves():
     # AdaViT fine-tunes the dense DeiT run; the LightViT run is T6's row and a T5 logit teacher
     assert study.init_source("adavit") == "deit" and study.run_config("adavit").init.endswith("runs/deit/model.pt")
     assert study.is_adaptive("adavit") and not study.is_adaptive("deit") and study.tables_of("lightvit") == ["T5", "T6"]
+    # T9: the 18-layer student imitates CAFormer with GFNet as its logit teacher; "none" reads no teacher
+    t9 = study.run_config("v2-18-caformer-mi")
+    assert t9.model == "riformerv2_n18" and t9.kd.teacher.endswith("runs/gfnet/model.pt")
+    assert t9.mi.teacher.endswith("runs/caformer/model.pt") and study.references("v2-12-none") == []
     paper = load_study("paper", check_data=False)
     assert paper.run_config("affine-mi-partial").model == "riformer_s12"
     assert paper.run_config("gfnet").model == "gfnet_h_b"
+    assert paper.run_config("v2-18-caformer-mi").model == "riformerv2_s18" and paper.run_config(
+        "caformer").model == "caformer_s18" and paper.run_config("swin").model == "swin_base_patch4_window7_224"
 
 
 @pytest.mark.parametrize("profile,runs_per_job", [("default", None), ("smoke", None), ("paper", None),
@@ -129,8 +135,8 @@ def test_any_profile_file_is_a_profile_and_is_validated(params):
      "guidelines 1: no table cell 'T2/no-such-row'"),
     (lambda d: d["guidelines"][1].update(direction="sideways"), "guidelines 2: needs direction"),
     (lambda d: d["guidelines"][2].update(vote=[]), "guidelines 3: no `vote` deltas"),
-    (lambda d: d["guidelines"][3]["vote"].append({"plus": "T5/swin_base/top1_wo_mi"}),
-     "guidelines 4: cell 'T5/swin_base/top1_wo_mi' has no run of ours"),
+    (lambda d: d["guidelines"][3]["vote"].append({"plus": "T5/pyramid_vig_b/top1_wo_mi"}),
+     "guidelines 4: cell 'T5/pyramid_vig_b/top1_wo_mi' has no run of ours"),
 ])
 def test_guideline_errors(params, update, message):
     edit(params / "study.yaml", update)

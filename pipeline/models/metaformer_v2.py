@@ -90,9 +90,10 @@ def _cfg(**kwargs):
 
 _NANO_CFG = dict(input_size=(1, 32, 32), pool_size=(2, 2), crop_pct=1.0, mean=(0.5,), std=(0.5,))
 default_cfgs = generate_default_cfgs({
-    "riformerv2_s12.untrained": _cfg(),
-    "riformerv2_s18.untrained": _cfg(),
-    "randformer_s12.untrained": _cfg(),
+    # crop 1.0 at evaluation, as timm's poolformerv2 / convformer / caformer and the official baselines' configs
+    "riformerv2_s12.untrained": _cfg(crop_pct=1.0),
+    "riformerv2_s18.untrained": _cfg(crop_pct=1.0),
+    "randformer_s12.untrained": _cfg(crop_pct=1.0),
     **{f"{name}.untrained": _cfg(**_NANO_CFG) for name in (
         "riformerv2_n12", "riformerv2_n18", "randformer_n12", "poolformerv2_n12")},
     "convformer_n18.untrained": _cfg(**_NANO_CFG, classifier="head.fc.fc2"),

@@ -110,8 +110,8 @@ class RIFormer(MetaFormer):
         stem_stride: 4 (paper: 7x7 conv, stride 4, padding 2) or 2 (3x3 conv, stride 2, padding 1) for the
             small-input nano variants, so that every stage keeps a grid of at least 2x2 at 28-32 px.
         fold_layer_scale: the deploy form (`token_mixer='identity'` only): no `layer_scale1` in any block, its
-            scale folded into norm1 by `reparameterize`, and norm1 has a bias where the training form's has none. The deploy checkpoints of `python -m pipeline
-            reparameterize` describe this model.
+            scale folded into norm1 by `reparameterize`, and norm1 has a bias where the training form's has
+            none. The deploy checkpoints of `python -m pipeline reparameterize` describe this model.
         head_norm_first: True (default): the head of the papers and the official code (PoolFormer, mmpretrain's
             RIFormer): GroupNorm(1) on the final feature map, then global average pooling, then fc. False:
             timm's MetaFormer head (pool, then LayerNorm2d with eps 1e-6, then fc), for timm's own PoolFormer
@@ -123,9 +123,9 @@ class RIFormer(MetaFormer):
                  dims=(64, 128, 320, 512), **kwargs):
         per_stage = isinstance(token_mixer, list | tuple)
         names = [m for m in (token_mixer if per_stage else [token_mixer]) if isinstance(m, str)]
-        if any(m not in TOKEN_MIXERS for m in names):
-            raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)} (or one per stage), got "
-                             f"{token_mixer!r}")
+        if any(m not in TOKEN_MIXERS for m in names) or (per_stage and "affine" in names):
+            raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, or one per stage without "
+                             f"'affine' (a whole-model choice the stages re-parameterize by), got {token_mixer!r}")
         if fold_layer_scale and token_mixer != "identity":
             raise ValueError(f"fold_layer_scale=True is the deploy form: it needs token_mixer='identity', "
                              f"got {token_mixer!r}")
