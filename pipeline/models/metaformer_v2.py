@@ -23,8 +23,7 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
-from timm.models.metaformer import (Attention, GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, SepConv,
-                                    StarReLU)
+from timm.models.metaformer import Attention, GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias, SepConv, StarReLU
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
