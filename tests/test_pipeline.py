@@ -1,10 +1,12 @@
 """The ablation DAG end to end (issues 4, 11): a fresh clone plans the whole study; the smoke profile through
 Snakemake, then DVC on the same results; a changed teacher or dataset retrains exactly what depends on it; the
 paper profile and a user's own profile planned by both drivers, and one batch of each paper stage kind."""
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -325,16 +327,30 @@ def test_queued_dvc_experiments_run_two_at_a_time_into_one_mlflow_store(tmp_path
     sizes), each in DVC's temporary copy of the repository, at the same time, logging to the workspace's store."""
     ws = make_workspace(tmp_path / "ws")
     set_params(ws, "params.yaml", lambda d: d.update(profile="smoke"))
+    # 12 epochs: training long enough (seconds) that the two workers' start-up skew cannot keep them apart (at
+    # smoke's one epoch, a fast machine finished the first before the second began)
+    set_params(ws, "params/smoke.yaml", lambda d: d["teacher_train"].update(optim={"epochs": 12}))
     sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "smoke")
     sh(ws, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "smoke")
     sizes = {"deit-b25": 25, "deit-b50": 50}
     for name, size in sizes.items():
         sh(ws, "dvc", "exp", "run", "--queue", "train-teacher@deit", "-n", name,
            "-S", f"params/smoke.yaml:train.data.batch_size={size}")
-    sh(ws, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 600
-    while re.search(r"\b(Queued|Running)\b", status := sh(ws, "dvc", "queue", "status")) and time.time() < deadline:
-        time.sleep(2)
+    # `dvc queue start` detaches its workers with its stdout: read through a pipe, its output could wait for the
+    # last worker to exit, and a worker has been seen to linger idle after both experiments succeeded; a file
+    # cannot. The lingering workers are stopped at the end.
+    with open(ws / "queue-start.log", "w") as log:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=ws, env=_env(ws), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    try:
+        deadline = time.time() + 600
+        while re.search(r"\b(Queued|Running)\b", status := sh(ws, "dvc", "queue", "status")) and \
+                time.time() < deadline:
+            time.sleep(2)
+    finally:
+        for pid_file in (ws / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
     assert all(re.search(rf"{name}\s+.*Success", status) for name in sizes), status
 
     client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
@@ -346,7 +362,8 @@ def test_queued_dvc_experiments_run_two_at_a_time_into_one_mlflow_store(tmp_path
         assert run.info.status == "FINISHED" and run.data.params["data.batch_size"] == str(sizes[name])
         assert "final/test_top1" in run.data.metrics
     a, b = runs.values()
-    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they ran at the same time
+    spans = [(r.info.start_time, r.info.end_time) for r in (a, b)]
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time, spans  # at the same time
     # each experiment's metrics come back through DVC's cache (results/ is not in git)
     shown = json.loads(sh(ws, "dvc", "exp", "show", "--no-pager", "--json"))
     metrics = {rev["name"]: rev["data"]["metrics"]["results/smoke/runs/deit/metrics.json"]["data"]
