@@ -43,9 +43,11 @@ FFT_FLOPS = {aten._fft_r2c.default: _fft_flops, aten._fft_c2r.default: _fft_flop
 
 
 def count_params(model: torch.nn.Module) -> int:
-    """Parameters, plus a fixed position embedding held as a buffer (AdaViT's: a frozen Parameter in the
-    reference code, which counts it; a buffer here, see pipeline/models/adavit.py)."""
-    fixed = sum(b.numel() for name, b in model.named_buffers() if name.split(".")[-1] == "pos_embed")
+    """Parameters, plus the fixed tensors the reference code holds as frozen Parameters (and counts) and we hold as
+    buffers, so that every parameter gets a gradient (timm's model tests): AdaViT's position embedding
+    (pipeline/models/adavit.py) and RandFormer's random token-mixing matrices (pipeline/models/metaformer_v2.py)."""
+    fixed = sum(b.numel() for name, b in model.named_buffers()
+                if name.split(".")[-1] in ("pos_embed", "random_matrix"))
     return sum(p.numel() for p in model.parameters()) + fixed
 
 

@@ -15,16 +15,22 @@ def test_random_mixing_is_a_frozen_row_stochastic_token_matrix():
     model = timm.create_model("randformer_n12", num_classes=10)
     mixers = [m for m in model.modules() if isinstance(m, RandomMixing)]
     assert [m.num_tokens for m in mixers] == [16] * 6 + [4] * 2  # stages 3-4 of 2/2/6/2 at 32 px: 4x4, 2x2 grids
+    assert not any("random_matrix" in name for name, _ in model.named_parameters())  # never trained
     for m in mixers:
-        assert not m.random_matrix.requires_grad
+        assert not m.random_matrix.requires_grad and "random_matrix" in dict(m.named_buffers())
         torch.testing.assert_close(m.random_matrix.sum(-1), torch.ones(m.num_tokens))
+    # the input size fixes the matrices (timm's `fixed_input_size`): 64 px gives 8x8 and 4x4 grids in stages 3-4
+    big = timm.create_model("randformer_n12", num_classes=10, img_size=64)
+    assert [m.num_tokens for m in big.modules() if isinstance(m, RandomMixing)] == [64] * 6 + [16] * 2
+    assert big(torch.randn(1, 1, 64, 64)).shape == (1, 10)
     # the official NHWC form: einsum('mn, bnc -> bmc') over the H*W tokens
     m, x = mixers[0], torch.randn(2, 64, 4, 4)
     official = torch.einsum("mn,bnc->bmc", m.random_matrix, x.permute(0, 2, 3, 1).reshape(2, 16, 64))
     torch.testing.assert_close(m(x), official.reshape(2, 4, 4, 64).permute(0, 3, 1, 2))
-    with pytest.raises(ValueError, match="16-token matrix"):
+    with pytest.raises(AssertionError, match="input size fixes it"):
         m(torch.randn(1, 64, 5, 5))
-    # RandFormer-S12 is PoolFormerV2-S12 (parameter-free pooling) plus its frozen 196^2 and 49^2 matrices
+    # RandFormer-S12 is PoolFormerV2-S12 (parameter-free pooling) plus its fixed 196^2 and 49^2 matrices, counted as
+    # the official code counts them (frozen Parameters there)
     extra = 6 * 196 ** 2 + 2 * 49 ** 2
     assert count_params(timm.create_model("randformer_s12")) == count_params(
         timm.create_model("poolformerv2_s12")) + extra

@@ -11,7 +11,7 @@ Registered here (all RIFormer-class models, so they share its re-parameterizatio
 MetaFormer; the timm-registered poolformerv2_s12 / convformer_s18 / caformer_s18 load into the same keys):
   riformerv2_s12 / s18    the student: IdentityFormer's architecture (norm: GroupNorm(1) without bias, as the
                           official LayerNormGeneral over (C, H, W)) with the affine mixer (`token_mixer` as RIFormer)
-  randformer_s12          RandFormer: identity mixers in stages 1-2, a frozen random token-mixing matrix in 3-4
+  randformer_s12          RandFormer: identity mixers in stages 1-2, a fixed random token-mixing matrix in 3-4
                           (not in timm; the official code's RandomMixing)
   *_n12 / *_n18           nano versions for the embedded 32 px data (stem stride 2, dims 16-128, 1 channel):
                           riformerv2_n12 / n18, randformer_n12, poolformerv2_n12, convformer_n18, caformer_n18
@@ -34,22 +34,23 @@ __all__ = ["RandomMixing", "random_mixing"]
 
 class RandomMixing(nn.Module):
     """RandFormer's token mixer: a fixed N x N matrix over the H*W tokens, rows softmax(uniform) (each sums to 1),
-    frozen after initialisation (a Parameter with requires_grad=False, as in the official code: it is in the
-    state dict and counted in the parameters). No "- input" term: the official mixer returns the mixed tokens."""
+    never trained. The official code holds it as a Parameter with requires_grad=False; here it is a buffer under the
+    same state-dict key (official checkpoints load), so that every parameter gets a gradient (timm's model
+    tests), and `count_params` counts it as the official parameter count does. No "- input" term: the official
+    mixer returns the mixed tokens."""
 
     num_tokens = 196
 
     def __init__(self, dim: int = 0, device=None, dtype=None, **kwargs):
         super().__init__()
-        n = self.num_tokens
-        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(n, n, device=device, dtype=dtype), dim=-1),
-                                          requires_grad=False)
+        n = self.num_tokens = type(self).num_tokens  # an instance attribute: TorchScript reads no class attribute
+        self.register_buffer("random_matrix",
+                             torch.softmax(torch.rand(n, n, device=device, dtype=dtype), dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        if h * w != self.num_tokens:
-            raise ValueError(f"RandomMixing holds a {self.num_tokens}-token matrix; got a {h}x{w} grid (the "
-                             f"model's img_size fixes it)")
+        torch._assert(h * w == self.num_tokens, "RandomMixing: the feature grid does not have the token count of "
+                                                "its matrix (the model's input size fixes it)")
         return (x.reshape(b, c, h * w) @ self.random_matrix.t()).reshape(b, c, h, w)
 
 
@@ -77,8 +78,14 @@ def _create(variant: str, pretrained: bool, shape: dict, kwargs: dict, **arch) -
 
 
 def _rand_mixers(grid: int) -> list:
-    """RandFormer's stages: identity, identity, random mixing at the stage-3 and stage-4 grids."""
+    """RandFormer's stages: identity, identity, random mixing at the stage-3 and stage-4 grids (`grid`: the stem's
+    output grid; the input size fixes the matrices, hence `img_size` and `fixed_input_size`)."""
     return ["identity", "identity", random_mixing((grid // 4) ** 2), random_mixing((grid // 8) ** 2)]
+
+
+def _side(img_size) -> int:
+    """A square input's side from an int or an (H, W) pair."""
+    return img_size if isinstance(img_size, int) else img_size[0]
 
 
 def _cfg(**kwargs):
@@ -92,12 +99,12 @@ default_cfgs = generate_default_cfgs({
     # crop 1.0 at evaluation, as timm's poolformerv2 / convformer / caformer and the official baselines' configs
     "riformerv2_s12.untrained": _cfg(crop_pct=1.0),
     "riformerv2_s18.untrained": _cfg(crop_pct=1.0),
-    "randformer_s12.untrained": _cfg(crop_pct=1.0),
-    **{f"{name}.untrained": _cfg(**_NANO_CFG) for name in (
-        "riformerv2_n12", "riformerv2_n18", "randformer_n12", "poolformerv2_n12")},
+    "randformer_s12.untrained": _cfg(crop_pct=1.0, fixed_input_size=True),  # its matrices fix the grid
+    **{f"{name}.untrained": _cfg(**_NANO_CFG) for name in ("riformerv2_n12", "riformerv2_n18", "poolformerv2_n12")},
+    "randformer_n12.untrained": _cfg(**_NANO_CFG, fixed_input_size=True),
     "convformer_n18.untrained": _cfg(**_NANO_CFG, classifier="head.fc.fc2"),
     "caformer_n18.untrained": _cfg(**_NANO_CFG, classifier="head.fc.fc2"),
-    "swin_nano.untrained": _cfg(**{**_NANO_CFG, "pool_size": None}, first_conv="patch_embed.proj"),
+    "swin_nano.untrained": _cfg(**_NANO_CFG, first_conv="patch_embed.proj"),
 })
 
 
@@ -112,8 +119,8 @@ def riformerv2_s18(pretrained=False, **kwargs) -> RIFormer:
 
 
 @register_model
-def randformer_s12(pretrained=False, **kwargs) -> RIFormer:
-    return _create("randformer_s12", pretrained, S12, kwargs, token_mixer=_rand_mixers(56))
+def randformer_s12(pretrained=False, img_size=224, **kwargs) -> RIFormer:
+    return _create("randformer_s12", pretrained, S12, kwargs, token_mixer=_rand_mixers(_side(img_size) // 4))
 
 
 @register_model
@@ -127,8 +134,8 @@ def riformerv2_n18(pretrained=False, **kwargs) -> RIFormer:
 
 
 @register_model
-def randformer_n12(pretrained=False, **kwargs) -> RIFormer:
-    return _create("randformer_n12", pretrained, N12, kwargs, token_mixer=_rand_mixers(16))
+def randformer_n12(pretrained=False, img_size=32, **kwargs) -> RIFormer:
+    return _create("randformer_n12", pretrained, N12, kwargs, token_mixer=_rand_mixers(_side(img_size) // 2))
 
 
 @register_model

@@ -112,6 +112,8 @@ class RIFormer(MetaFormer):
         fold_layer_scale: the deploy form (`token_mixer='identity'` only): no `layer_scale1` in any block, its
             scale folded into norm1 by `reparameterize`, and norm1 has a bias where the training form's has
             none. The deploy checkpoints of `python -m pipeline reparameterize` describe this model.
+        img_size: not used here (any input size runs); timm passes it to models with a fixed input size, of which
+            RandFormer is one: its registration builds the token matrices for it.
         head_norm_first: True (default): the head of the papers and the official code (PoolFormer, mmpretrain's
             RIFormer): GroupNorm(1) on the final feature map, then global average pooling, then fc. False:
             timm's MetaFormer head (pool, then LayerNorm2d with eps 1e-6, then fc), for timm's own PoolFormer
@@ -120,7 +122,7 @@ class RIFormer(MetaFormer):
 
     def __init__(self, token_mixer: str = "affine", affine_init: str = "identity", stem_stride: int = 4,
                  fold_layer_scale: bool = False, head_norm_first: bool = True, in_chans: int = 3,
-                 dims=(64, 128, 320, 512), **kwargs):
+                 dims=(64, 128, 320, 512), img_size=None, **kwargs):
         per_stage = isinstance(token_mixer, list | tuple)
         names = [m for m in (token_mixer if per_stage else [token_mixer]) if isinstance(m, str)]
         if any(m not in TOKEN_MIXERS for m in names) or (per_stage and "affine" in names):
