@@ -142,10 +142,15 @@ class Results:
             value = mean_interval(paired_table([self.correct(variant)]), self.level, self.power).scaled(100)
         return Cell(value, "ok" if value else "missing", self.run_ids(variant))
 
+    @property
+    def size_models(self) -> dict:
+        """Architecture -> params, MACs, throughput rounds, from evaluate's size benchmark (T6 at every size)."""
+        return ((self.benchmark or {}).get("sizes") or {}).get("models", {})
+
     def arch_cell(self, arch: str, metric: str) -> Cell:
-        """A row of an architecture of evaluate's size benchmark (T6 at every size): params, MACs, throughput;
-        its top-1 is the paper's only (not trained here)."""
-        row = ((self.benchmark or {}).get("sizes") or {}).get("models", {}).get(arch)
+        """A row of an architecture of the size benchmark: params, MACs, throughput; its top-1 is the paper's only
+        (not trained here)."""
+        row = self.size_models.get(arch)
         if metric not in THROUGHPUTS and metric not in SIZE_METRICS:
             return Cell(state=PAPER_ONLY)
         if row is None:
@@ -157,13 +162,11 @@ class Results:
 
     def arch_delta(self, metric: str, arch: str, reference: str) -> Interval | None:
         """Ratio of two architectures of the size benchmark: per interleaved round for throughput."""
-        models = ((self.benchmark or {}).get("sizes") or {}).get("models", {})
-        a, b = models.get(arch), models.get(reference)
+        a, b = self.size_models.get(arch), self.size_models.get(reference)
         if a is None or b is None:
             return None
         if metric in THROUGHPUTS:
-            pairs = zip(a["throughput"]["samples"], b["throughput"]["samples"], strict=True)
-            return median_interval([x / y for x, y in pairs], self.level)
+            return self.round_ratio(a["throughput"]["samples"], b["throughput"]["samples"])
         key = SIZE_METRICS[metric][0]
         return exact(a[key] / b[key])
 
@@ -175,6 +178,10 @@ class Results:
         row = (self.benchmark or {}).get("models", {}).get(label)
         return row["throughput"]["samples"] if row else None
 
+    def round_ratio(self, a: list[float], b: list[float]) -> Interval:
+        """Median of the per-round ratios of two models timed in the same interleaved rounds, with its interval."""
+        return median_interval([x / y for x, y in zip(a, b, strict=True)], self.level)
+
     def delta(self, metric: str, plus: list[str], minus: list[str], minus_metric: str | None = None) -> Interval | None:
         """mean(plus) - mean(minus) of the variants' metric in points for accuracies; a ratio for the others
         (one variant on each side): throughput per interleaved round, params and MACs exactly."""
@@ -182,7 +189,7 @@ class Results:
             return None
         if metric in THROUGHPUTS:
             a, b = self.throughput_samples(plus[0], metric), self.throughput_samples(minus[0], minus_metric or metric)
-            return median_interval([x / y for x, y in zip(a, b, strict=True)], self.level) if a and b else None
+            return self.round_ratio(a, b) if a and b else None
         if metric in SIZE_METRICS:
             a, b = self.cell(plus[0], metric), self.cell(minus[0], metric)
             return exact(a.value.mean / b.value.mean) if a.ok and b.ok else None
@@ -224,10 +231,10 @@ def build_table(name: str, results: Results, paper: dict) -> list[Row]:
         rows.append(Row(name, r["row"], metric, r.get("run"), cell, paper.get((paper_table, r["row"], metric)),
                         reference=r.get("reference", spec["reference"]), arch=r.get("arch"), note=r.get("note", "")))
     by_row = {(r.row, r.metric): r for r in rows}
-    for r in rows:  # a row others are compared with is a reference itself (T9's s18-none, T6-sizes' PoolFormers)
-        if any(other.reference == r.row for other in rows):
-            r.reference = r.row
+    references = {r.reference for r in rows}
     for r in rows:
+        if r.row in references:  # a row others are compared with is a reference itself (T9's s18-none, ...)
+            r.reference = r.row
         # the fast path's throughput is compared with the reference row's throughput
         ref = by_row.get((r.reference, THROUGHPUT if r.metric == THROUGHPUT_FAST else r.metric))
         if ref is None:
@@ -294,8 +301,7 @@ def _num(x: float | None) -> str:
 
 
 def table_markdown(name: str, rows: list[Row], title: str, reference: str, link) -> str:
-    references = sorted({r.reference for r in rows})
-    others = [f"`{x}`" for x in references if x != reference]
+    others = [f"`{x}`" for x in sorted({r.reference for r in rows}) if x != reference]
     lines = [f"### {name}: {title}", "",
              f"Reference row: `{reference}`" + (f" (and {', '.join(others)} for the rows that name it)"
                                                 if others else "")
@@ -312,7 +318,7 @@ def table_markdown(name: str, rows: list[Row], title: str, reference: str, link)
                 f"not run in this project{': ' + r.note if r.note else ''}" if r.run is None else r.ours.state)
         seeds = str(r.ours_delta.seeds) if r.ours_delta and r.metric not in RATIO_METRICS else ""
         deltas = [fmt_delta(r.ours_delta, r.metric), fmt_delta(r.paper_delta, r.metric)]
-        if r.row in references:
+        if r.reference == r.row:
             deltas, seeds = ["reference", "reference"], ""
         lines.append(f"| {r.row} | {r.metric} | {fmt_cell(r.ours, r.metric)} | {fmt_paper(r.paper)} | "
                      f"{deltas[0]} | {deltas[1]} | {seeds} | {runs} |")

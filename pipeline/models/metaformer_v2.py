@@ -27,7 +27,8 @@ from timm.models.metaformer import Attention, GroupNorm1NoBias, LayerNorm2dNoBia
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
-from .riformer import NANO, S_DIMS, RIFormer, checkpoint_filter_fn
+from .riformer import NANO, S_DIMS, RIFormer
+from .riformer import _create as create_riformer
 
 __all__ = ["RandomMixing", "random_mixing"]
 
@@ -71,10 +72,7 @@ N18 = dict(N12, depths=(3, 3, 9, 3))
 
 
 def _create(variant: str, pretrained: bool, shape: dict, kwargs: dict, **arch) -> RIFormer:
-    kwargs = {**V2, **shape, **arch, **kwargs}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
-    return build_model_with_cfg(RIFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
+    return create_riformer(variant, pretrained, base=V2, **{**shape, **arch, **kwargs})
 
 
 def _rand_mixers(grid: int) -> list:

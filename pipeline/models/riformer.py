@@ -124,14 +124,15 @@ class RIFormer(MetaFormer):
                  fold_layer_scale: bool = False, head_norm_first: bool = True, in_chans: int = 3,
                  dims=(64, 128, 320, 512), img_size=None, **kwargs):
         per_stage = isinstance(token_mixer, list | tuple)
-        names = [m for m in (token_mixer if per_stage else [token_mixer]) if isinstance(m, str)]
+        stages = list(token_mixer) if per_stage else [token_mixer]
+        names = [m for m in stages if isinstance(m, str)]
         if any(m not in TOKEN_MIXERS for m in names) or (per_stage and "affine" in names):
             raise ValueError(f"token_mixer must be one of {sorted(TOKEN_MIXERS)}, or one per stage without "
                              f"'affine' (a whole-model choice the stages re-parameterize by), got {token_mixer!r}")
         if fold_layer_scale and token_mixer != "identity":
             raise ValueError(f"fold_layer_scale=True is the deploy form: it needs token_mixer='identity', "
                              f"got {token_mixer!r}")
-        mixers = [TOKEN_MIXERS[m] if isinstance(m, str) else m for m in (token_mixer if per_stage else [token_mixer])]
+        mixers = [TOKEN_MIXERS[m] if isinstance(m, str) else m for m in stages]
         if "affine" in names:
             kwargs["init"] = affine_init
         if head_norm_first:
@@ -242,8 +243,10 @@ _POOLFORMER_V1 = dict(downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True, norm
                       res_scale_init_values=None, use_mlp_head=False)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> RIFormer:
-    kwargs = {**_POOLFORMER_V1, **kwargs}
+def _create(variant: str, pretrained: bool = False, base: dict = _POOLFORMER_V1, **kwargs) -> RIFormer:
+    """A registered RIFormer-class model: `base` (the PoolFormer v1 architecture, or metaformer_v2's) under the
+    variant's and the caller's kwargs."""
+    kwargs = {**base, **kwargs}
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
     return build_model_with_cfg(
         RIFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
