@@ -10,7 +10,7 @@ import sys
 
 # stage name -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 STAGES = {
-    "prepare-data": ("pipeline.data", "validate a dataset and write the prepared copy training reads"),
+    "prepare-data": ("pipeline.prepare", "validate a dataset and write the prepared copy training reads"),
     "train": ("pipeline.train", "train a teacher or a student variant (one training loop for both)"),
     "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
     "evaluate": ("pipeline.evaluate", "test accuracy, params and MACs of a run's deploy model"),

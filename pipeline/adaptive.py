@@ -5,18 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.benchmark import measure_throughput, summarize
-
-
-class FastPath(torch.nn.Module):
-    """An AdaViT whose forward is its fast path, so the common benchmark can time it beside the others."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_fast(x)
+from pipeline.measure import measure_throughput, summarize
+from pipeline.models.adavit import FastPath
 
 
 @torch.no_grad()

@@ -22,9 +22,11 @@ from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import pipeline.models  # noqa: F401  (registry)
-from pipeline.benchmark import FFT_FLOPS, architecture_label, device_name, summarize
+from pipeline.benchmark import architecture_label
+from pipeline.data import load_prepared
 from pipeline.io import write_json
+from pipeline.measure import FFT_FLOPS, device_name, summarize
+from pipeline.models import create_model
 from pipeline.study import load_study
 from pipeline.train import memory_format
 
@@ -39,10 +41,7 @@ def study_models(study, num_classes: int, in_chans: int) -> dict[str, nn.Module]
         if study.run_specs[run][2] != study.settings["seeds"][0]:
             continue
         cfg = study.run_config(run)
-        kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "in_chans": in_chans}
-        if cfg.model.startswith("gfnet"):
-            kwargs.setdefault("img_size", cfg.data.img_size)
-        model = timm.create_model(cfg.model, **kwargs)
+        model = create_model(cfg.model, num_classes, in_chans, cfg.data.img_size, **cfg.model_kwargs)
         if repr(model) not in seen:
             seen.add(repr(model))
             models[architecture_label(cfg.model, cfg.model_kwargs)] = model
@@ -84,7 +83,6 @@ def bench_train(study, threads: int, batch_size: int, warmup: int = 2, repeats: 
     d = study.settings["train"]["data"]
     meta = {"num_classes": 10, "in_chans": 1}
     if study.data_dir.exists():
-        from pipeline.data import load_prepared
         meta = load_prepared(study.data_dir).meta
     shape = (meta["in_chans"], d["img_size"], d["img_size"])
     torch.manual_seed(0)

@@ -1,164 +1,22 @@
-"""Params, MACs and throughput, measured the same way for every model.
+"""`python -m pipeline benchmark`: params, MACs and interleaved throughput of registry models (a command line over
+pipeline.measure), and the study's benchmark that the evaluate stage writes (Table 6 and its siblings).
 
-MACs: one counter for every model, torch's FlopCounterMode (matmul, conv, bmm, addmm, attention; FLOPs/2),
-plus GFNet's FFTs with the usual real-FFT cost of 2.5 N log2 N FLOPs per transform of N points.
-Element-wise work (norms, activations, GFNet's complex filter product, pooling) is not counted, as in
-fvcore and the papers' tables.
-
-Throughput: warm-up, then `repeats` rounds; in each round every model runs `iters` batches, in an order
-rotated from round to round, so that all models see the same machine state. Each model's images/s is
-reported as median, min and max over rounds, and each ratio to the reference model is taken per round
-(the two timings of a round are adjacent) and summarised the same way. The paper's protocol is batch 2048
-at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it.
+Models are named by spec strings, `name[:form]` or a checkpoint file (build_model). The paper's protocol is batch
+2048 at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import platform
-import statistics
-import tempfile
-import time
-from contextlib import nullcontext
-from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
+from pipeline.adaptive import adaptive_speedup
+from pipeline.data import load_prepared, test_images
 from pipeline.io import load_checkpoint, model_from_checkpoint, write_json
-
-aten = torch.ops.aten
-
-
-def _fft_flops(in_shape, dim, *args, out_shape=None, **kwargs) -> int:
-    real = max(in_shape, out_shape, key=math.prod)  # the real side of an r2c / c2r transform is the longer
-    n_points = math.prod(real[d] for d in dim)
-    return int(2.5 * n_points * math.log2(max(n_points, 2)) * (math.prod(real) // n_points))
-
-
-FFT_FLOPS = {aten._fft_r2c.default: _fft_flops, aten._fft_c2r.default: _fft_flops,
-             aten._fft_c2c.default: _fft_flops}
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters, plus the fixed tensors the reference code holds as frozen Parameters (and counts) and we hold as
-    buffers, so that every parameter gets a gradient (timm's model tests): AdaViT's position embedding
-    (pipeline/models/adavit.py) and RandFormer's random token-mixing matrices (pipeline/models/metaformer_v2.py)."""
-    fixed = sum(b.numel() for name, b in model.named_buffers()
-                if name.split(".")[-1] in ("pos_embed", "random_matrix"))
-    return sum(p.numel() for p in model.parameters()) + fixed
-
-
-@torch.no_grad()
-def count_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass of one image of `input_shape` (C, H, W)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False, custom_mapping=FFT_FLOPS)
-    with counter:
-        model(torch.zeros(1, *input_shape, device=device))
-    model.train(was_training)
-    return counter.get_total_flops() // 2
-
-
-def summarize(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "samples": samples}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_throughput(models: dict[str, torch.nn.Module], batch: torch.Tensor | list[torch.Tensor],
-                       warmup: int = 2, repeats: int = 7, iters: int = 3,
-                       progress: bool = True) -> dict[str, list[float]]:
-    """Images/s of each model per round, from one interleaved run (see module docstring). `batch` may be a
-    list of batches (e.g. single images): one iteration then runs them all."""
-    batches = batch if isinstance(batch, list) else [batch]
-    device, dtype = batches[0].device, batches[0].dtype
-    n_images = sum(len(b) for b in batches)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-    names = list(models)
-    for model in models.values():
-        model.eval()
-    with autocast:
-        for name in tqdm(names, desc="warm-up", disable=not progress, leave=False):
-            for _ in range(warmup):
-                for b in batches:
-                    models[name](b)
-        _sync(device)
-        samples = {name: [] for name in names}
-        for r in tqdm(range(repeats), desc="throughput rounds", disable=not progress, leave=False):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(iters):
-                    for b in batches:
-                        models[name](b)
-                _sync(device)
-                samples[name].append(iters * n_images / (time.perf_counter() - start))
-    return samples
-
-
-ORT = " [onnxruntime]"  # suffix of a model's ONNX Runtime twin in a benchmark
-
-
-def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
-    """Per-round images/s ratio of each model to the reference of its own runtime (torch, or ONNX Runtime for the
-    `ORT`-suffixed twins); the two timings of a round are adjacent."""
-    return {name: summarize([a / b for a, b in zip(s, samples[reference + ORT if name.endswith(ORT) else reference],
-                                                   strict=True)])
-            for name, s in samples.items()}
-
-
-def benchmark_models(models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int], batch_size: int,
-                     device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
-                     repeats: int = 7, iters: int = 3, reference: str | None = None,
-                     progress: bool = True, images: torch.Tensor | None = None,
-                     onnxruntime: bool | list[str] = False) -> dict:
-    """Params, MACs and interleaved throughput of several models, as one JSON-ready record. The batch is
-    `images` (real test images: input-dependent models such as AdaViT need them) or random numbers.
-    `onnxruntime` (True: every model; or a list of names): those models are also exported to ONNX and timed in
-    ONNX Runtime in the same rounds (CPU, fp32), as `name [onnxruntime]`."""
-    rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
-    models = {name: m.to(device) for name, m in models.items()}
-    if device.type == "cuda":
-        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
-    batch = (images[:batch_size].to(device, dtype) if images is not None
-             else torch.randn(batch_size, *input_shape, device=device, dtype=dtype))
-    with tempfile.TemporaryDirectory() as tmp:
-        if onnxruntime:
-            if device.type != "cpu" or dtype != torch.float32:
-                raise ValueError("onnxruntime: CPU and float32 only")
-            from pipeline.export import onnx_pair
-            names = list(models) if onnxruntime is True else onnxruntime
-            models.update(onnx_pair({n: models[n] for n in names}, batch[:2], Path(tmp), torch.get_num_threads()))
-            rows.update({name + ORT: dict(rows[name]) for name in names})
-        samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
-    for name, s in samples.items():
-        rows[name]["throughput"] = summarize(s)
-    if reference is not None:
-        for name, r in ratios(samples, reference).items():
-            rows[name]["ratio_to_reference"] = r
-    return {
-        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
-        "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "reference": reference,
-        "torch": torch.__version__, "timm": timm.__version__, "models": rows,
-    }
+from pipeline.measure import benchmark_models, print_benchmark
+from pipeline.models import create_model
+from pipeline.models.adavit import FastPath, fast_path_label
 
 
 def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
@@ -170,9 +28,7 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
         model = model_from_checkpoint(load_checkpoint(spec))
         return timm.utils.reparameterize_model(model)
     name, _, form = spec.partition(":")
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
-    if name.startswith("gfnet"):
-        kwargs["img_size"] = img_size
+    kwargs = {}
     if name.startswith("ada_") and decision_bias is not None:
         kwargs["decision_bias"] = decision_bias
     if form in ("identity", "pooling"):
@@ -184,9 +40,8 @@ def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
     if form == "fast" and not name.startswith("ada_"):
         raise ValueError(f"{spec}: only AdaViT models (ada_*) have a fast path")
     torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs)
+    model = create_model(name, num_classes, in_chans, img_size, **kwargs)
     if form == "fast":
-        from pipeline.adaptive import FastPath
         return FastPath(model)
     return timm.utils.reparameterize_model(model) if form == "deploy" else model
 
@@ -203,49 +58,22 @@ def architecture_label(model: str, kwargs: dict) -> str:
 
 def study_benchmark(study, threads: int | None = None) -> dict:
     """One interleaved run over every distinct deploy architecture of the study (first seed), plus the
-    training-time (affine) form of the student; `runs` maps each run to its architecture."""
-    models, runs = {}, {}
-    affine_run = None
-    first_seed = study.settings["seeds"][0]
-    for run in study.runs:
-        if study.run_specs[run][2] != first_seed:
-            continue
-        ckpt = load_checkpoint(study.deployed_model(run))
-        label = architecture_label(ckpt["model"], ckpt.get("model_kwargs", {}))
-        runs[run] = label
-        if label not in models:
-            models[label] = model_from_checkpoint(ckpt)
-        if affine_run is None and study.needs_reparameterize(run):
-            affine_run = run
-    if affine_run is not None:
-        ckpt = load_checkpoint(study.model_path(affine_run))
-        models[architecture_label(ckpt["model"], ckpt["model_kwargs"]) + " (training form)"] = \
-            model_from_checkpoint(ckpt)
-    from pipeline.adaptive import FastPath, adaptive_speedup
-
+    training-time (affine) form of the student, AdaViT's fast paths and T6's ONNX Runtime twins; `runs` maps each
+    run to its architecture. Then T6 at every size, and AdaViT's speed-up over its dense DeiT."""
+    models, runs = _study_models(study)
     adaptive = [r for r in runs if study.is_adaptive(r)]
-    for run in adaptive:  # AdaViT: its fast path beside its masked path
-        models[fast_path_label(runs[run])] = FastPath(models[runs[run]])
     t6 = study.tables["T6"]
     reference_run = next(r["run"] for r in t6["rows"] if r["row"] == t6["reference"])
     b = study.settings["evaluate"]["benchmark"]
     torch.set_num_threads(threads or b["threads"])
-    # T6's PoolFormer (its reference) and RIFormer deploy models also run in ONNX Runtime (the export stage's
-    # runtime), on the CPU in fp32, when both are students the export stage exports (not a GFNet, whose FFTs
-    # the TorchScript exporter cannot write, as in a trimmed T6)
-    pair = [reference_run] + [r["run"] for r in t6["rows"] if r["row"] == "riformer_s12"][:1]
-    exportable = len(pair) == 2 and all(r in study.export_runs for r in pair)
-    onnx = [runs[r] for r in pair] if exportable and b["device"] == "cpu" and b["dtype"] == "float32" else []
-    from pipeline.data import build_loader, load_prepared
     prepared = load_prepared(study.data_dir)
     in_chans = prepared.meta["in_chans"]
     img = study.settings["train"]["data"]["img_size"]
-    n_images = max(b["batch_size"], b["adaptive"]["images"] if adaptive else 0)
-    images = next(iter(build_loader(prepared, "test", n_images, img, train=False)))[0]
+    images = test_images(prepared, max(b["batch_size"], b["adaptive"]["images"] if adaptive else 0), img)[0]
     device, dtype = torch.device(b["device"]), getattr(torch, b["dtype"])
     result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, dtype, b["warmup"],
                               b["repeats"], b["iters"], reference=runs[reference_run], images=images,
-                              onnxruntime=onnx)
+                              onnxruntime=_onnx_twins(study, runs, reference_run))
     result.update(profile=study.profile, runs=runs, protocol="study", adaptive={})
     sizes = study.settings["evaluate"].get("sizes") or {}
     if sizes.get("names"):
@@ -259,6 +87,40 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     return result
 
 
+def _study_models(study) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """(architecture label -> deploy model, run -> label) over the first seed's runs, with the student's
+    training-time (affine) form and each AdaViT's fast path beside its masked path."""
+    models, runs, affine_run = {}, {}, None
+    for run in study.runs:
+        if study.run_specs[run][2] != study.settings["seeds"][0]:
+            continue
+        ckpt = load_checkpoint(study.deployed_model(run))
+        label = architecture_label(ckpt["model"], ckpt.get("model_kwargs", {}))
+        runs[run] = label
+        if label not in models:
+            models[label] = model_from_checkpoint(ckpt)
+        if affine_run is None and study.needs_reparameterize(run):
+            affine_run = run
+    if affine_run is not None:
+        ckpt = load_checkpoint(study.model_path(affine_run))
+        models[architecture_label(ckpt["model"], ckpt["model_kwargs"]) + " (training form)"] = \
+            model_from_checkpoint(ckpt)
+    for run in runs:
+        if study.is_adaptive(run):
+            models[fast_path_label(runs[run])] = FastPath(models[runs[run]])
+    return models, runs
+
+
+def _onnx_twins(study, runs: dict[str, str], reference_run: str) -> list[str]:
+    """T6's PoolFormer (its reference) and RIFormer deploy models also run in ONNX Runtime (the export stage's
+    runtime), on the CPU in fp32, when both are students the export stage exports (not a GFNet, whose FFTs
+    the TorchScript exporter cannot write, as in a trimmed T6)."""
+    b = study.settings["evaluate"]["benchmark"]
+    pair = [reference_run] + [r["run"] for r in study.tables["T6"]["rows"] if r["row"] == "riformer_s12"][:1]
+    exportable = len(pair) == 2 and all(r in study.export_runs for r in pair)
+    return [runs[r] for r in pair] if exportable and b["device"] == "cpu" and b["dtype"] == "float32" else []
+
+
 def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """T6 at every size: PoolFormer-X and deploy RIFormer-X for each size X of `s["names"]` (s12 ... m48) at
     ImageNet shape (3 x img_size^2, 1000 classes), untrained weights, in one interleaved run; each RIFormer's
@@ -270,10 +132,6 @@ def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
               for spec in (f"riformer_{size}:pooling", f"riformer_{size}:deploy")}
     return benchmark_models(models, (3, img, img), s["batch_size"], device, dtype, s["warmup"], s["repeats"],
                             s["iters"], reference=f"riformer_{s['names'][0]}:pooling")
-
-
-def fast_path_label(label: str) -> str:
-    return label + " (fast path)"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -293,16 +151,6 @@ def run(args: argparse.Namespace) -> dict:
     write_json(args.out, result)
     print_benchmark(result)
     return result
-
-
-def print_benchmark(result: dict) -> None:
-    reference = result["reference"]
-    for name, row in result["models"].items():
-        t, r = row["throughput"], row.get("ratio_to_reference")
-        print(f"{name:28s} params {row['params']:>11,d}  MACs {row['macs'] / 1e9:7.3f} G  "
-              f"img/s median {t['median']:9.2f} [{t['min']:.2f}, {t['max']:.2f}]"
-              + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}"
-                 + (ORT if name.endswith(ORT) else "") if r else ""))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

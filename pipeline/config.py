@@ -75,6 +75,10 @@ class MICfg:
     feature_reduction: str = "sample_sum"  # L'_in, L_out: sum over C,H,W, mean over batch (Table 10 reading)
     rel_reduction: str = "mean"          # L_rel: 1/(N*H^2*W^2), the stated normaliser
 
+    @property
+    def enabled(self) -> bool:
+        return any(v > 0 for v in (self.lambda_in, self.lambda_out, self.lambda_rel))
+
 
 @dataclass
 class UsageCfg:

@@ -13,54 +13,27 @@ mixed in.
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 
-import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.benchmark import count_macs, count_params
-from pipeline.data import build_loader, load_prepared
-from pipeline.identity import identity_changes
-from pipeline.io import atomic_path, load_checkpoint, model_from_checkpoint, read_json, write_json
+from pipeline.adaptive import decision_examples, evaluate_adaptive
+from pipeline.benchmark import study_benchmark
+from pipeline.data import build_loader, load_prepared, test_images
+from pipeline.io import model_from_checkpoint, read_json, save_predictions, write_json
+from pipeline.measure import count_macs, count_params, evaluate, print_benchmark
 from pipeline.study import Study, load_study
 
 
-class StaleResultError(RuntimeError):
-    pass
-
-
-def checked_checkpoint(study: Study, run: str, path) -> dict:
-    """The checkpoint at `path` of `run`, if it was trained from the run's current inputs."""
-    ckpt = load_checkpoint(path)
-    changes = identity_changes(ckpt.get("identity"), study.identity(run))
-    if changes:
-        raise StaleResultError(f"{path}: run {run!r} of profile {study.profile} was trained from inputs that have "
-                               f"changed since ({'; '.join(changes)}): rerun its training")
-    return ckpt
-
-
-def save_predictions(path, pred: torch.Tensor, labels: torch.Tensor) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, pred=pred.numpy().astype(np.int32), label=labels.numpy().astype(np.int32))
-
-
-def load_predictions(path) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, label) of every test image, as `evaluate` saved them."""
-    with np.load(path) as f:
-        return f["pred"], f["label"]
-
-
 def evaluate_run(study: Study, run: str, mlflow) -> dict:
-    ckpt = checked_checkpoint(study, run, study.deployed_model(run))
+    ckpt = study.current_checkpoint(run, study.deployed_model(run))
     prepared = load_prepared(study.data_dir)
     model = model_from_checkpoint(ckpt).eval().to(memory_format=torch.channels_last)  # faster on CPU too
     img_size = ckpt.get("config", {}).get("img_size", study.settings["train"]["data"]["img_size"])
     transform = ckpt.get("config", {}).get("transform")  # image folders: the model's own eval transform
     loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False,
                           transform_cfg=transform)
-    from pipeline.train import evaluate
-    acc = evaluate(model, loader, torch.device("cpu"), nullcontext, torch.channels_last)
+    acc = evaluate(model, loader, torch.device("cpu"), fmt=torch.channels_last)
     save_predictions(study.predictions_path(run), acc["pred"], acc["label"])
     train_metrics = read_json(study.run_dir(run) / "metrics.json")
     result = {
@@ -74,11 +47,10 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
         "predictions": str(study.predictions_path(run)),
     }
     if study.is_adaptive(run):  # AdaViT: both paths, and the expected MACs the paper reports
-        from pipeline.adaptive import decision_examples, evaluate_adaptive
         ada = evaluate_adaptive(model, loader)
         result.update(ada, macs=ada["expected_macs"]["mean"], macs_masked_path=result["macs"])
         n = study.settings["evaluate"]["decision_examples"]
-        images, labels = next(iter(build_loader(prepared, "test", n, img_size, train=False, transform_cfg=transform)))
+        images, labels = test_images(prepared, n, img_size, transform)
         write_json(study.decisions_path(run), decision_examples(model, images, labels,
                                                                 model.patch_embed.patch_size[0]))
         mlflow.log_metrics({f"expected_macs/{run}": result["macs"], f"fast_path_top1/{run}": ada["fast_path"]["top1"]})
@@ -92,8 +64,6 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipeline.benchmark import print_benchmark, study_benchmark
-
     torch.set_num_threads(args.threads)
     study = load_study(args.profile, check_data=False)
     runs = [args.run] if args.run else study.runs

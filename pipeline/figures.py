@@ -6,13 +6,15 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from pipeline.benchmark import fast_path_label  # noqa: E402
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.io import atomic_path, read_json  # noqa: E402
+from pipeline.models.adavit import fast_path_label  # noqa: E402
+from pipeline.study import FIGURES  # noqa: E402
 
 OURS, PAPER = "#1f77b4", "#ff7f0e"
 F1_STEPS = ["embedding", "+layernorm1", "+attention", "+residual1", "+layernorm2", "+mlp", "+residual2"]
@@ -34,9 +36,7 @@ def save(fig, folder: Path, name: str) -> str:
 
 
 def make_all(study, results, tables, paper, folder: Path) -> list[str]:
-    """Every figure of pipeline.report.FIGURES; one whose results are missing says so instead of failing."""
-    from pipeline.report import FIGURES
-
+    """Every figure of pipeline.study.FIGURES; one whose results are missing says so instead of failing."""
     _style()
     figs = [accuracy_throughput(study, results, paper, folder), ablation_bars(tables, folder),
             training_curves(study, results, folder), latency(results.latency, paper, folder),
@@ -163,8 +163,6 @@ def ablation_bars(tables, folder: Path) -> str:
 def training_curves(study, results, folder: Path) -> str:
     """Training top-1 (test top-1 where training measured it) and each loss term against the epoch, for the
     module-imitation runs of the first seed."""
-    from pipeline.io import read_json
-
     runs = [v for v in study.variants
             if study.run_config(v).mi.teacher and (study.run_dir(v) / "history.json").exists()]
     if not runs:
@@ -232,8 +230,6 @@ def latency(lat: dict | None, paper: dict, folder: Path) -> str:
 
 
 def reparam_errors(study, folder: Path) -> str:
-    from pipeline.io import read_json
-
     rows = []
     for run in study.runs:
         path = study.deploy_dir(run) / "reparam.json"
@@ -254,10 +250,6 @@ def reparam_errors(study, folder: Path) -> str:
 def adavit_decisions(study, folder: Path) -> str:
     """AdaViT: which patches each block kept on a few test images (dropped patches shaded red); a block whose
     attention and MLP were both gated off is marked 'skipped'."""
-    import numpy as np
-
-    from pipeline.io import read_json
-
     runs = [r for r in study.runs if study.is_adaptive(r) and study.decisions_path(r).exists()]
     if not runs:
         return placeholder(folder, "adavit_decisions", "AdaViT decisions")

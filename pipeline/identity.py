@@ -5,7 +5,8 @@ A run's identity covers every input that changes its weights:
   without the keys that change only speed or bookkeeping (threads, eval_every, tables);
 - `data`: the prepared dataset's content hash (meta.json `data_hash`);
 - `inputs`: the sha256 of each checkpoint the run reads (kd.teacher, mi.teacher, partial_init, init);
-- `code`: the sha256 of the training stage's source files (STAGE_CODE["train"]);
+- `code`: the sha256 of the training stage's source: pipeline/train.py and every module of the package it
+  imports, directly or not (stage_code, found by walking the imports);
 - `libraries`: the torch and timm versions.
 
 `train` resumes a checkpoint only when its recorded identity equals the current one, and otherwise starts
@@ -15,27 +16,20 @@ the same identities.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from pipeline.tracking import REPO_ROOT
+import timm
+import torch
 
-# The code each stage runs: a change to it reruns the stage in both drivers, and changes the identity of
-# every training run (train's files).
-_MODELS = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "pipeline" / "models").glob("*.py"))
-STAGE_CODE = {
-    "prepare-data": ["pipeline/data.py"],
-    "train": ["pipeline/train.py", "pipeline/losses.py", "pipeline/config.py", "pipeline/data.py",
-              "pipeline/identity.py"] + _MODELS,
-    "reparameterize": ["pipeline/reparameterize.py"] + _MODELS,
-    "evaluate": ["pipeline/evaluate.py", "pipeline/benchmark.py", "pipeline/adaptive.py", "pipeline/export.py"]
-    + _MODELS,
-    "export": ["pipeline/export.py"] + _MODELS,
-    "latency-breakdown": ["pipeline/latency.py", "pipeline/benchmark.py"],
-    "report": ["pipeline/report.py", "pipeline/figures.py", "pipeline/stats.py", "params/paper_results.csv"],
-}
+from pipeline.repo import REPO_ROOT
+
+PACKAGE = "pipeline"
+TRAIN_MODULE = "pipeline.train"
 # Config keys that are input files: the identity holds their contents' hash, not their path.
 INPUT_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
 # Config keys that change neither the weights nor the evaluation.
@@ -57,9 +51,55 @@ def file_digest(path: str | os.PathLike) -> str:
     return _file_hashes[key]
 
 
-def code_digest(stage: str = "train", root: Path = REPO_ROOT) -> str:
+# ------------------------------------------------------------------------------------------------ code
+def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:
+    """The source file of a module of the package (`pipeline.x.y`), or None for anything else."""
+    if module.split(".")[0] != PACKAGE:
+        return None
+    base = root.joinpath(*module.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(module: str, root: Path = REPO_ROOT) -> set[str]:
+    """The package's modules that `module` imports anywhere in its file (function-level imports included), each
+    with the packages it lives in (importing `pipeline.models.adavit` runs `pipeline/models/__init__.py` first)."""
+    path = module_file(module, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `from . import x`, `from .riformer import y`
+                parent = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names += [base] + [f"{base}.{a.name}" for a in node.names]
+    parts = [name.split(".") for name in names]
+    found = {".".join(p[:i]) for p in parts for i in range(1, len(p) + 1)}
+    return {m for m in found if m != module and module_file(m, root) is not None}
+
+
+@functools.cache
+def stage_code(module: str, root: Path = REPO_ROOT) -> tuple[str, ...]:
+    """The source files a stage's results depend on: its module and every module of the package it imports,
+    directly or through others (repository-relative paths, sorted)."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imported_modules(m, root) - seen
+    return tuple(sorted(str(module_file(m, root).relative_to(root)) for m in seen))
+
+
+def code_digest(module: str = TRAIN_MODULE, root: Path = REPO_ROOT) -> str:
+    """sha256 over the (path, content) pairs of stage_code(module)."""
     h = hashlib.sha256()
-    for rel in STAGE_CODE[stage]:
+    for rel in stage_code(module, root):
         h.update(rel.encode() + b"\0" + bytes.fromhex(file_digest(root / rel)))
     return h.hexdigest()
 
@@ -73,9 +113,6 @@ def run_identity(cfg, data_hash: str) -> dict:
 
     An input file that does not exist yet has identity None (a teacher not trained yet): such an identity
     never equals that of a run trained from the file."""
-    import timm
-    import torch
-
     config = cfg.to_dict()
     for key in SPEED_KEYS:
         config.pop(key, None)

@@ -1,4 +1,4 @@
-"""Atomic file output and model checkpoints.
+"""Atomic file output, model checkpoints and the per-image predictions the evaluate stage saves.
 
 Every result file is written to a temporary file in the same folder, flushed to disk and renamed over
 the target, so a killed run never leaves a half-written file that looks like a result.
@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 
@@ -76,3 +77,15 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     model = timm.create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["state_dict"])
     return model
+
+
+def save_predictions(path: str | os.PathLike, pred: torch.Tensor, labels: torch.Tensor) -> None:
+    """Each test image's predicted class and label (eval/<run>.predictions.npz: the report's statistics)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, pred=pred.numpy().astype(np.int32), label=labels.numpy().astype(np.int32))
+
+
+def load_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, label) of every test image, as `save_predictions` wrote them."""
+    with np.load(path) as f:
+        return f["pred"], f["label"]

@@ -16,8 +16,10 @@ import torch.nn as nn
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
-from pipeline.benchmark import device_name, measure_throughput
+from pipeline import tracking
 from pipeline.io import write_json
+from pipeline.measure import device_name, measure_throughput
+from pipeline.study import load_study
 
 STEPS = ["embedding", "+layernorm1", "+attention", "+residual1", "+layernorm2", "+mlp", "+residual2"]
 TOKEN_MIXER_STEP = "+attention"
@@ -78,7 +80,6 @@ def latency_breakdown(batch_size: int, img_size: int, device: torch.device, dtyp
 
 def run(args: argparse.Namespace) -> dict:
     if args.profile:
-        from pipeline.study import load_study
         study = load_study(args.profile, check_data=False)
         threads = args.threads
         for key, value in study.settings["latency"].items():
@@ -92,7 +93,6 @@ def run(args: argparse.Namespace) -> dict:
                                getattr(torch, args.dtype), args.warmup, args.repeats, args.iters)
     write_json(args.out, result)
     if args.profile:
-        from pipeline import tracking
         with tracking.stage_run(args.profile, "latency-breakdown", "vit_b") as (mlflow, _):
             mlflow.log_metric("token_mixer_share", result["token_mixer_share"]["median"])
             for i, row in enumerate(result["steps"]):

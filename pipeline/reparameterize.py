@@ -12,22 +12,11 @@ import argparse
 import timm
 import torch
 
-from pipeline.benchmark import count_params
-from pipeline.data import build_loader, load_prepared
+from pipeline import tracking
+from pipeline.data import load_prepared, test_images
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
-
-
-@torch.no_grad()
-def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, batches) -> dict:
-    a.eval()
-    b.eval()
-    diff, scale, n = 0.0, 0.0, 0
-    for images, _ in batches:
-        la, lb = a(images), b(images)
-        diff = max(diff, (la - lb).abs().max().item())
-        scale = max(scale, la.abs().max().item())
-        n += len(images)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "num_images": n}
+from pipeline.measure import count_params, max_logit_difference
+from pipeline.study import load_study
 
 
 def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -51,9 +40,8 @@ def reparameterize_file(checkpoint, data, out, report, num_images=256, batch_siz
     model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
     prepared = load_prepared(data)
     img_size = ckpt.get("config", {}).get("img_size", img_size)
-    batches = build_loader(prepared, "test", batch_size, img_size, train=False, limit=num_images,
-                           transform_cfg=ckpt.get("config", {}).get("transform"))
-    result = max_logit_difference(model, deploy, batches)
+    images = test_images(prepared, num_images, img_size, ckpt.get("config", {}).get("transform"))[0]
+    result = max_logit_difference(model, deploy, [(batch, None) for batch in images.split(batch_size)])
     result.update(checkpoint=str(checkpoint), model=ckpt["model"], params_train=count_params(model),
                   params_deploy=count_params(deploy), data_hash=prepared.data_hash,
                   affine_modules_left=sum(type(m).__name__ == "Affine" for m in deploy.modules()))
@@ -75,8 +63,6 @@ def run(args: argparse.Namespace) -> dict:
         if not (args.data and args.out and args.report):
             raise SystemExit("reparameterize: --checkpoint needs --data, --out and --report")
         return reparameterize_file(args.checkpoint, args.data, args.out, args.report, **opts)
-    from pipeline import tracking
-    from pipeline.study import load_study
     study = load_study(args.profile, check_data=False)
     runs = [args.run] if args.run else [r for r in study.runs if study.needs_reparameterize(r)]
     results = {}

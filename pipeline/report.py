@@ -25,19 +25,20 @@ import dataclasses
 import functools
 import io
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
-from pipeline.benchmark import ORT, fast_path_label
-from pipeline.evaluate import load_predictions
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline import figures, tracking
+from pipeline.io import atomic_path, load_predictions, read_json, write_json
+from pipeline.measure import ORT
+from pipeline.models.adavit import fast_path_label
+from pipeline.repo import git_state
 from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table
-from pipeline.study import Study, as_list, load_study
+from pipeline.study import PAPER_RESULTS, Study, as_list, load_study
 
-PAPER_CSV = Path(__file__).resolve().parent.parent / "params" / "paper_results.csv"
 THROUGHPUT = "throughput"
 THROUGHPUT_FAST = "throughput_fast"  # AdaViT's fast inference path
 # metrics read from eval/<run>.json, with their scale; like throughput, their change is a ratio
@@ -46,11 +47,9 @@ THROUGHPUTS = (THROUGHPUT, THROUGHPUT_FAST)
 RATIO_METRICS = (*THROUGHPUTS, *SIZE_METRICS)
 MISSING = "—"
 PAPER_ONLY = "paper only"  # a cell of a size not trained here: the paper's value is the only one
-FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
-           "reparameterization_error", "adavit_decisions"]
 
 
-def load_paper(path: Path = PAPER_CSV) -> dict[tuple[str, str, str], float]:
+def load_paper(path: Path = PAPER_RESULTS) -> dict[tuple[str, str, str], float]:
     with open(path, newline="") as f:
         return {(r["table"], r["row"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
 
@@ -397,8 +396,6 @@ def mlflow_links(profile: str):
 
 def invocation_wall_time(profile: str) -> float | None:
     """Seconds since this pipeline invocation's MLflow parent run started (None outside a session)."""
-    import time
-
     run_id = tracking.parent_run_id(profile)
     if not run_id:
         return None
@@ -410,8 +407,6 @@ def invocation_wall_time(profile: str) -> float | None:
 
 
 def write_report(study: Study, out: Path, links=None, wall_time_s: float | None = None) -> dict:
-    from pipeline import figures
-
     out = Path(out)
     paper = load_paper()
     results = Results(study)
@@ -574,7 +569,7 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
     meta = _maybe_json(study.data_dir / "meta.json") or {}
     train_time = sum((_maybe_json(study.run_dir(r) / "metrics.json") or {}).get("train_wall_time_s", 0)
                      for r in results.evals)
-    git = tracking.git_state()
+    git = git_state()
     bench = results.benchmark or {}
     seeds, n = study.settings["seeds"], results.test_images
     rounds = (bench.get("repeats") or 0)

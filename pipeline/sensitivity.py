@@ -15,17 +15,22 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
 from pipeline import tracking
-from pipeline.io import read_json, write_json
+from pipeline.data import build_loader, load_prepared
+from pipeline.io import load_checkpoint, model_from_checkpoint, read_json, write_json
+from pipeline.measure import evaluate
+from pipeline.prepare import prepare
+from pipeline.stats import mean_interval, paired_table
+from pipeline.study import load_study
+from pipeline.train import train
 
 VARIANTS = ("pooling-ce", "identity-ce")
 
 
 def _train(args: tuple) -> float:
     profile, overrides, results, run = args
-    from pipeline.study import load_study
-    from pipeline.train import train
-
     study = load_study(profile, check_data=False, overrides=overrides)
     study.results = results
     start = time.perf_counter()
@@ -34,28 +39,14 @@ def _train(args: tuple) -> float:
 
 
 def _correct(study, run: str):
-    from contextlib import nullcontext
-
-    import torch
-
-    from pipeline.data import build_loader, load_prepared
-    from pipeline.io import load_checkpoint, model_from_checkpoint
-    from pipeline.train import evaluate
-
     ckpt = load_checkpoint(study.model_path(run))
     loader = build_loader(load_prepared(study.data_dir), "test", 500, ckpt["config"]["img_size"], train=False)
     model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)  # as the evaluate stage
-    acc = evaluate(model, loader, torch.device("cpu"), nullcontext, torch.channels_last)
+    acc = evaluate(model, loader, torch.device("cpu"), fmt=torch.channels_last)
     return (acc["pred"] == acc["label"]).numpy().astype(float)
 
 
 def configuration(profile: str, name: str, train_images: int, epochs: int, seeds: list[int], jobs: int = 2) -> dict:
-    import torch
-
-    from pipeline.data import prepare
-    from pipeline.stats import mean_interval, paired_table
-    from pipeline.study import load_study
-
     results = Path("results") / "sensitivity" / profile / name
     if (results / "result.json").exists():
         return read_json(results / "result.json")

@@ -16,24 +16,36 @@ from functools import cached_property
 from pathlib import Path
 
 import jsonschema
+import timm
 import yaml
 
-from pipeline.config import ConfigError, TrainConfig, config_from_dict
-from pipeline.identity import INPUT_KEYS, run_identity
-from pipeline.tracking import REPO_ROOT
+import pipeline.models  # noqa: F401  (registers the project's models: model names are checked against timm's registry)
+from pipeline.config import ConfigError, TrainConfig, apply_overrides, config_from_dict
+from pipeline.data import DataError, find_fashion_mnist, load_prepared
+from pipeline.identity import INPUT_KEYS, identity_changes, run_identity
+from pipeline.io import load_checkpoint
+from pipeline.repo import REPO_ROOT
 
 PARAMS = REPO_ROOT / "params"
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "study.schema.yaml"
+PAPER_RESULTS = PARAMS / "paper_results.csv"  # the paper's numbers, beside which the report puts ours
 NOT_PROFILES = ("defaults", "study")  # params/ files that are not profiles
 # Keys of the `train` section that describe a training job, not a run: how its runs are grouped and launched, and
 # what it asks a cluster for. They change neither a run's config nor its identity.
 JOB_KEYS = ("runs_per_job", "nproc", "gpus", "mem_mb", "runtime")
+# The report's figures: results/<profile>/report/figures/<name>.{png,pdf} (pipeline.figures draws them).
+FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
+           "reparameterization_error", "adavit_decisions"]
 PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency",
                     "report")
 
 
 class StudyError(ValueError):
     pass
+
+
+class StaleResultError(RuntimeError):
+    """A result computed from inputs that have changed since."""
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -205,6 +217,12 @@ class Study:
         """The report stage's output; `python -m pipeline publish` copies it to reports/<profile>/."""
         return self.results / "report"
 
+    def figure_path(self, name: str, suffix: str = "png") -> Path:
+        return self.report_dir / "figures" / f"{name}.{suffix}"
+
+    def table_path(self, table: str, suffix: str = "md") -> Path:
+        return self.report_dir / "tables" / f"{table}.{suffix}"
+
     def decisions_path(self, run: str) -> Path:
         """AdaViT runs: the patches each block kept on a few test images (the report's figure)."""
         return self.results / "eval" / f"{run}.decisions.json"
@@ -230,11 +248,19 @@ class Study:
     def identity(self, run: str) -> dict:
         """The identity a current result of `run` must have (pipeline.identity): its resolved config, the prepared
         data, its teacher / init files and the training code, as they are now."""
-        from pipeline.data import load_prepared
-
         if self._data_hash is None:
             self._data_hash = load_prepared(self.data_dir).data_hash
         return run_identity(self.run_config(run), self._data_hash)
+
+    def current_checkpoint(self, run: str, path) -> dict:
+        """The checkpoint at `path` of `run`, if it was trained from the run's current inputs; otherwise a
+        StaleResultError naming what changed."""
+        ckpt = load_checkpoint(path)
+        changes = identity_changes(ckpt.get("identity"), self.identity(run))
+        if changes:
+            raise StaleResultError(f"{path}: run {run!r} of profile {self.profile} was trained from inputs that "
+                                   f"have changed since ({'; '.join(changes)}): rerun its training")
+        return ckpt
 
     # -------------------------------------------------------------------------------------- configs
     def run_config(self, run: str, overrides: list[str] | None = None, threads: int | None = None) -> TrainConfig:
@@ -264,7 +290,6 @@ class Study:
         if threads:
             values["threads"] = threads
         if overrides:
-            from pipeline.config import apply_overrides
             values = apply_overrides(values, overrides)
         cfg = config_from_dict(values)
         if not overrides and not threads:
@@ -308,18 +333,23 @@ def load_study(profile: str = "default", check_data: bool = True, overrides: dic
 
 
 def _semantic_errors(study: Study, check_data: bool) -> list[str]:
-    import timm
+    """Every problem a schema cannot see: names, references, table cells, guidelines, configs, data."""
+    errors = _name_errors(study) + _table_errors(study) + _guideline_errors(study)
+    if not errors:  # every run's training config must build (keys, values, references)
+        errors += _config_errors(study)
+    if check_data:
+        errors += _data_errors(study)
+    return errors
 
-    import pipeline.models  # noqa: F401
 
+def _name_errors(study: Study) -> list[str]:
     errors = []
     overlap = set(study.teachers) & set(study.variants)
     if overlap:
         errors.append(f"study.yaml: names used both as teacher and variant: {sorted(overlap)}")
     models = study.settings["models"]
-    for name, m in models.items():
-        if m["name"] not in timm.list_models():
-            errors.append(f"models.{name}: unknown model {m['name']!r} (not in timm's registry)")
+    errors += [f"models.{name}: unknown model {m['name']!r} (not in timm's registry)"
+               for name, m in models.items() if m["name"] not in timm.list_models()]
     for run, (_, spec, _) in study.run_specs.items():
         if spec.get("model") not in models:
             errors.append(f"study.yaml {run}: model {spec.get('model')!r} is not a key of the profile's models: "
@@ -329,53 +359,67 @@ def _semantic_errors(study: Study, check_data: bool) -> list[str]:
             if value and value not in study.run_specs and key != "init":
                 errors.append(f"study.yaml {run}: {section + '.' if section else ''}{key} names an unknown run "
                               f"{value!r}")
-    for run in study.settings["runs"]:
-        if run not in study.teachers and run not in study.variants:
-            errors.append(f"params/{study.profile}.yaml runs.{run}: unknown variant or teacher")
+    errors += [f"params/{study.profile}.yaml runs.{run}: unknown variant or teacher"
+               for run in study.settings["runs"] if run not in study.teachers and run not in study.variants]
+    return errors
+
+
+def _table_errors(study: Study) -> list[str]:
+    errors = []
     for t, table in study.tables.items():
-        for row in table.get("rows", []):
-            if row.get("run") is not None and row["run"] not in study.teachers and row["run"] not in study.variants:
-                errors.append(f"study.yaml tables.{t} row {row.get('row')}: unknown run {row['run']!r}")
-        names = {r.get("row") for r in table.get("rows", [])}
-        for ref in {table.get("reference")} | {r["reference"] for r in table.get("rows", []) if "reference" in r}:
-            if ref not in names:
-                errors.append(f"study.yaml tables.{t}: reference {ref!r} is not one of its rows")
+        rows = table.get("rows", [])
+        errors += [f"study.yaml tables.{t} row {row.get('row')}: unknown run {row['run']!r}" for row in rows
+                   if row.get("run") is not None and row["run"] not in study.teachers | study.variants]
+        names = {r.get("row") for r in rows}
+        references = {table.get("reference")} | {r["reference"] for r in rows if "reference" in r}
+        errors += [f"study.yaml tables.{t}: reference {ref!r} is not one of its rows"
+                   for ref in references if ref not in names]
+    return errors
+
+
+def _guideline_errors(study: Study) -> list[str]:
+    errors = []
     for g in study.guidelines:
         where = f"study.yaml guidelines {g.get('id')}"
         if g.get("direction") not in ("above", "below") or not isinstance(g.get("threshold"), int | float):
             errors.append(f"{where}: needs direction (above | below) and a numeric threshold")
         if not g.get("vote"):
             errors.append(f"{where}: no `vote` deltas")
-        for delta in g.get("vote", []) + g.get("show", []):
-            for ref in as_list(delta.get("plus")) + as_list(delta.get("minus")):
-                try:
-                    if study.cell(ref)[3] is None:
-                        errors.append(f"{where}: cell {ref!r} has no run of ours")
-                except StudyError as e:
-                    errors.append(f"{where}: {e}")
-    if not errors:  # every run's training config must build (keys, values, references); one line per problem
-        runs_of: dict[str, list[str]] = {}
-        for run in study.runs:
+        cells = [ref for delta in g.get("vote", []) + g.get("show", [])
+                 for ref in as_list(delta.get("plus")) + as_list(delta.get("minus"))]
+        for ref in cells:
             try:
-                study.run_config(run)
-            except ConfigError as e:
-                for problem in e.problems:
-                    runs_of.setdefault(problem, []).append(run)
-        for problem, runs in runs_of.items():
-            errors.append(f"{problem} (run{'s' if len(runs) > 1 else ''} {', '.join(runs[:4])}"
-                          f"{f' and {len(runs) - 4} more' if len(runs) > 4 else ''})")
-    data = study.settings["data"]
-    if check_data:
-        if data["source"] == "imagefolder" and not (data.get("root") and Path(data["root"]).is_dir()):
-            errors.append(f"data.root {data.get('root')!r}: image-folder dataset not found (set data.root in "
-                          f"params/{study.profile}.yaml to a folder with train/ and val/)")
-        if data["source"] == "fashion-mnist":
-            from pipeline.data import DataError, find_fashion_mnist
-            try:
-                find_fashion_mnist(data.get("raw_dir"))
-            except DataError as e:
-                errors.append(str(e))
+                if study.cell(ref)[3] is None:
+                    errors.append(f"{where}: cell {ref!r} has no run of ours")
+            except StudyError as e:
+                errors.append(f"{where}: {e}")
     return errors
+
+
+def _config_errors(study: Study) -> list[str]:
+    """One line per problem of the runs' training configs, naming the runs that have it."""
+    runs_of: dict[str, list[str]] = {}
+    for run in study.runs:
+        try:
+            study.run_config(run)
+        except ConfigError as e:
+            for problem in e.problems:
+                runs_of.setdefault(problem, []).append(run)
+    return [f"{problem} (run{'s' if len(runs) > 1 else ''} {', '.join(runs[:4])}"
+            f"{f' and {len(runs) - 4} more' if len(runs) > 4 else ''})" for problem, runs in runs_of.items()]
+
+
+def _data_errors(study: Study) -> list[str]:
+    data = study.settings["data"]
+    if data["source"] == "imagefolder" and not (data.get("root") and Path(data["root"]).is_dir()):
+        return [f"data.root {data.get('root')!r}: image-folder dataset not found (set data.root in "
+                f"params/{study.profile}.yaml to a folder with train/ and val/)"]
+    if data["source"] == "fashion-mnist":
+        try:
+            find_fashion_mnist(data.get("raw_dir"))
+        except DataError as e:
+            return [str(e)]
+    return []
 
 
 def as_list(value) -> list:

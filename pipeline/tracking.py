@@ -8,22 +8,15 @@ each stage through PIPELINE_PARENT_RUN_ID, and each stage's run is nested under 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.repo import git_state, project_root
+
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
-
-
-def project_root() -> Path:
-    """The repository the store belongs to; a queued `dvc exp run` works in <root>/.dvc/tmp/exps/<copy>."""
-    parts = REPO_ROOT.parts
-    if ".dvc" in parts:
-        return Path(*parts[: parts.index(".dvc")])
-    return REPO_ROOT
 
 
 def tracking_uri() -> str:
@@ -48,7 +41,7 @@ def setup(experiment: str):
     """Point MLflow at the project's store and experiment (created if missing, tagged as model training);
     returns the mlflow module."""
     warnings.filterwarnings("ignore", module="mlflow")
-    import mlflow
+    import mlflow  # deferred (~2 s): only the stages that log import it
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -68,8 +61,6 @@ def _creation_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -77,29 +68,13 @@ def _creation_lock(uri: str):
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     """Log many metrics to a run that need not be active (MLflow takes at most 1000 per batch)."""
-    import mlflow
+    import mlflow  # deferred (~2 s): see setup
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
         mlflow.MlflowClient().log_batch(run_id, metrics=items[i:i + 1000])
-
-
-def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
-    """Commit and dirty flag of the working tree (MLflow tags the commit but not a dirty tree).
-
-    `reports/` is left out of the dirty check: the pipeline writes it (it is committed for reading), so
-    counting it would flag every report as written from a dirty tree, by its own output."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)reports"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-        return {"git_commit": commit, "git_dirty": str(dirty).lower()}
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -180,6 +155,7 @@ def log_dataset(mlflow, path: str | Path, name: str, digest: str, context: str, 
     second insert then fails its UNIQUE constraint. Retrying is safe: the next attempt finds the row the
     other job wrote and only adds this run's input link.
     """
+    # deferred (~2 s): see setup
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.exceptions import MlflowException

@@ -24,9 +24,11 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -36,9 +38,9 @@ import torch.nn as nn
 import yaml
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.models import load_pretrained
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy
 from tqdm import tqdm
 
 from pipeline import tracking
@@ -47,6 +49,10 @@ from pipeline.data import Prepared, build_loader, load_prepared, model_transform
 from pipeline.identity import file_digest, identity_changes, run_identity
 from pipeline.io import atomic_path, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss
+from pipeline.measure import evaluate
+from pipeline.models import model_kwargs
+from pipeline.repo import git_state
+from pipeline.study import load_study
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -126,20 +132,10 @@ class _NoTracking:
         return lambda *args, **kwargs: None
 
 
-def model_kwargs(cfg: TrainConfig, prepared: Prepared) -> dict:
-    kwargs = {"num_classes": prepared.meta["num_classes"], "in_chans": prepared.meta["in_chans"],
-              **cfg.model_kwargs}
-    if cfg.model.startswith("gfnet"):
-        kwargs.setdefault("img_size", cfg.data.img_size)
-    return kwargs
-
-
 def init_from_file(model: nn.Module, path: str) -> dict:
     """Fine-tune init from a local file: a pipeline checkpoint or any timm/state-dict file (e.g. timm's
     pretrained weights the user has). timm's loader remaps keys, adapts the input conv to in_chans and
     drops the classifier when the class counts differ, so the model keeps a new head."""
-    from timm.models import load_pretrained
-
     cfg = dict(model.pretrained_cfg)
     if str(path).endswith((".pt", ".pth")) and os.path.isfile(path):
         try:
@@ -216,28 +212,6 @@ def resumable_state(path: Path, identity: dict, name: str) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ epochs
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast,
-             fmt: torch.memory_format = torch.contiguous_format) -> dict:
-    """Top-1 and top-5 (%), mean cross-entropy, and each image's predicted class and label (`pred`, `label`).
-    `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too)."""
-    model.eval()
-    n, top1, top5, loss, preds, targets = 0, 0.0, 0.0, 0.0, [], []
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        images = images.contiguous(memory_format=fmt)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        a1, a5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
-        b = len(labels)
-        n, top1, top5 = n + b, top1 + a1.item() * b, top5 + a5.item() * b
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        preds.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": torch.cat(preds), "label": torch.cat(targets)}
-
-
 # Shared teacher outputs: at most this many bytes of logits per (teacher, batch stream); larger runs (ImageNet)
 # run their teacher in every step.
 CACHE_MAX_BYTES = 1 << 30
@@ -266,23 +240,34 @@ def cached_teacher_logits(cfg: TrainConfig, teacher: nn.Module, loader, data_has
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a run of the same seed computing them: wait for it
-        if path.exists():
-            with contextlib.suppress(Exception):  # a broken file is recomputed, never used
-                cached = torch.load(path, map_location="cpu", weights_only=True)
-                if cached["key"] == key and cached["logits"].shape[:2] == (epochs * steps, d.batch_size):
-                    return cached["logits"]
-        logits = []
-        with torch.no_grad():
-            for epoch in range(epochs):
-                loader.set_epoch(epoch)
-                for images, _ in loader:
-                    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(cfg))
-                    with autocast():
-                        logits.append(teacher(images).float().cpu())
-        logits = torch.stack(logits)
+        cached = _read_logits(path, key, (epochs * steps, d.batch_size))
+        if cached is not None:
+            return cached
+        logits = torch.stack(list(_teacher_outputs(cfg, teacher, loader, device, autocast)))
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save({"key": key, "logits": logits}, f)
         return logits
+
+
+def _read_logits(path: Path, key: dict, leading_shape: tuple[int, int]) -> torch.Tensor | None:
+    """Cached teacher outputs written for `key`; None when missing, for another key, or broken (recomputed, never
+    used)."""
+    with contextlib.suppress(Exception):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached["key"] == key and cached["logits"].shape[:2] == leading_shape:
+            return cached["logits"]
+    return None
+
+
+@torch.no_grad()
+def _teacher_outputs(cfg: TrainConfig, teacher: nn.Module, loader, device: torch.device, autocast):
+    """The teacher's logits for each training batch of every epoch, in order."""
+    for epoch in range(cfg.optim.epochs):
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(cfg))
+            with autocast():
+                yield teacher(images).float().cpu()
 
 
 @dataclass
@@ -401,19 +386,92 @@ def run_lock(out_dir: Path, name: str):
         yield
 
 
+@dataclass
+class Session:
+    """Everything the epochs of one run use, built once by build_session: the model (and `net`, what the steps call:
+    the model or its DistributedDataParallel wrapper under torchrun), the loaders, optimiser, schedule and loss."""
+    cfg: TrainConfig
+    prepared: Prepared
+    device: torch.device
+    autocast: Callable
+    model: nn.Module
+    net: nn.Module
+    train_loader: Iterable
+    test_loader: Iterable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    objective: Objective
+    record: dict  # what every checkpoint of the run says about its model (pipeline.io's checkpoint schema)
+    init_log: dict
+    identity: dict
+
+
 def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None,
            cache_dir: Path | None) -> dict:
+    """Build the run, resume it if it was trained from the same inputs, train the remaining epochs, finish."""
+    s = build_session(cfg, cache_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    start_epoch, history, run_id = resume(s, ckpt_path)
+    mlflow, run_id = open_run(s, experiment, run_id, profile, start_epoch)
+    wall_start = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            row = run_epoch(s, epoch, progress)
+            history.append(row)
+            if ranks().main:  # rank 0 logs and writes; the others go on to the next epoch's steps
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                save_checkpoint(ckpt_path, {**s.record, "state_dict": s.model.state_dict(), "epoch": epoch,
+                                            "optimizer": s.optimizer.state_dict(),
+                                            "scheduler": s.scheduler.state_dict(), "history": history,
+                                            "run_id": run_id})
+                print_epoch(cfg, row)
+    except BaseException as e:
+        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if s.objective.imitation is not None:
+            s.objective.imitation.remove()
+    if not ranks().main:
+        return {"name": cfg.name, "history": history}
+    return finish(s, out_dir, history, run_id, mlflow, time.perf_counter() - wall_start)
+
+
+def build_session(cfg: TrainConfig, cache_dir: Path | None) -> Session:
+    """The run's device, data, models, loaders, optimiser, schedule and loss, in a fixed order (the global RNG is
+    seeded once before the models are built: a run's initial weights depend on its seed only)."""
     rk = ranks()
     torch.set_num_threads(max(1, cfg.threads // rk.world))  # `threads` is the job's: shared by its processes
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.amp and device.type == "cuda" \
+        else nullcontext
     prepared = load_prepared(cfg.data.path)
     seed_everything(cfg.seed)
+    model, kwargs, init_log = build_model(cfg, prepared, device)
+    net = model
+    if rk.world > 1:  # (AdaViT trains with soft masks: every parameter gets a gradient in every step)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    kd_teacher, mi_teacher = build_teachers(cfg, prepared, device)
+    train_loader, test_loader, eval_transform = build_loaders(cfg, prepared, model)
+    optimizer, scheduler = build_optimizer(cfg, model, len(train_loader))
+    objective = build_objective(cfg, model, kd_teacher, mi_teacher, len(train_loader), kwargs["num_classes"])
+    if objective.imitation is not None:
+        init_log["mi_blocks"] = objective.imitation.blocks
+    if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher and rk.world == 1:
+        objective.kd_logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir,
+                                                    device, autocast)
+    record = {"model": cfg.model, "model_kwargs": kwargs, "identity": run_identity(cfg, prepared.data_hash),
+              "config": {"img_size": cfg.data.img_size, "transform": eval_transform}}
+    return Session(cfg, prepared, device, autocast, model, net, train_loader, test_loader, optimizer, scheduler,
+                   objective, record, init_log, record["identity"])
 
-    # model, init, teachers
-    kwargs = model_kwargs(cfg, prepared)
+
+def build_model(cfg: TrainConfig, prepared: Prepared, device: torch.device) -> tuple[nn.Module, dict, dict]:
+    """(the model on `device`, its kwargs, what its initialisation loaded): fresh, fine-tuned from `init`, and/or
+    partially loaded from a teacher (guideline 5)."""
+    kwargs = model_kwargs(cfg.model, prepared.meta["num_classes"], prepared.meta["in_chans"], cfg.data.img_size,
+                          **cfg.model_kwargs)
     model = timm.create_model(cfg.model, **kwargs)
     init_log = {}
     if cfg.init:
@@ -421,20 +479,24 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     if cfg.partial_init:
         source = teacher_checkpoint(cfg.partial_init, prepared, "partial_init")
         init_log["partial_init"] = partial_load(model, source["state_dict"])
-    fmt = memory_format(cfg)
-    model.to(device, memory_format=fmt)
-    net = model  # what the steps call: the model, or its DistributedDataParallel wrapper under torchrun
-    if rk.world > 1:  # (AdaViT trains with soft masks: every parameter gets a gradient in every step)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    kd_teacher = load_teacher(cfg.kd.teacher, device, prepared, "kd.teacher", fmt) if cfg.kd.type != "none" else None
-    mi_on = any(v > 0 for v in (cfg.mi.lambda_in, cfg.mi.lambda_out, cfg.mi.lambda_rel))
-    mi_teacher = None
-    if mi_on:
-        mi_teacher = (kd_teacher if cfg.mi.teacher == cfg.kd.teacher
-                      else load_teacher(cfg.mi.teacher, device, prepared, "mi.teacher", fmt))
+    return model.to(device, memory_format=memory_format(cfg)), kwargs, init_log
 
-    # data, optimiser, schedule, losses
-    d, o = cfg.data, cfg.optim
+
+def build_teachers(cfg: TrainConfig, prepared: Prepared, device: torch.device):
+    """(logit-distillation teacher, module-imitation teacher): frozen, or None when not used; one model when the
+    two are the same file."""
+    fmt = memory_format(cfg)
+    kd_teacher = load_teacher(cfg.kd.teacher, device, prepared, "kd.teacher", fmt) if cfg.kd.type != "none" else None
+    if not cfg.mi.enabled:
+        return kd_teacher, None
+    mi_teacher = (kd_teacher if cfg.mi.teacher == cfg.kd.teacher
+                  else load_teacher(cfg.mi.teacher, device, prepared, "mi.teacher", fmt))
+    return kd_teacher, mi_teacher
+
+
+def build_loaders(cfg: TrainConfig, prepared: Prepared, model: nn.Module):
+    """(training loader, test loader, the evaluation transform of image-folder data)."""
+    d, rk = cfg.data, ranks()
     eval_transform = model_transform(model, d.interpolation, d.crop_pct)  # image folders only
     train_loader = build_loader(prepared, "train", d.batch_size, d.img_size, train=True, seed=cfg.seed,
                                 augment=d.augment, workers=d.workers, limit=d.train_limit,
@@ -447,98 +509,103 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.name}: no full training batch: batch_size {d.batch_size} is larger than the "
                          f"training set")
+    return train_loader, test_loader, eval_transform
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """AdamW and the warm-up + cosine schedule, stepped per update (timm's factories)."""
+    o = cfg.optim
     optimizer = create_optimizer_v2(optimizer_params(model, o), "adamw", lr=o.lr, weight_decay=o.weight_decay,
                                     betas=o.betas, eps=o.eps)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=o.epochs, min_lr=o.min_lr,
                                        warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
-                                       step_on_epochs=False, updates_per_epoch=len(train_loader))
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
+
+
+def build_objective(cfg: TrainConfig, model: nn.Module, kd_teacher: nn.Module | None, mi_teacher: nn.Module | None,
+                    steps_per_epoch: int, num_classes: int) -> Objective:
+    """The loss terms of a step: CE (soft targets under Mixup/CutMix), distillation, AdaViT's usage, imitation."""
+    d, o = cfg.data, cfg.optim
     mixup = (Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=o.label_smoothing,
-                   num_classes=kwargs["num_classes"]) if d.mixup > 0 or d.cutmix > 0 else None)
+                   num_classes=num_classes) if d.mixup > 0 or d.cutmix > 0 else None)
     base = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     objective = Objective(DistillationLoss(base, cfg.kd.type, cfg.kd.alpha, cfg.kd.tau, cfg.kd.labels),
                           kd_teacher, mi_teacher, mixup)
     if hasattr(model, "decisions"):  # AdaViT: the usage loss on its kept fractions
         objective.usage = UsageLoss(cfg.usage)
-    if mi_on:
-        objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * len(train_loader))
-        init_log["mi_blocks"] = objective.imitation.blocks
-    if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher and rk.world == 1:
-        objective.kd_logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir,
-                                                    device, autocast)
+    if mi_teacher is not None:
+        objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * steps_per_epoch)
+    return objective
 
-    # resume only a checkpoint trained from the same inputs
-    identity = run_identity(cfg, prepared.data_hash)
-    ckpt_path = out_dir / "checkpoint.pt"
-    start_epoch, history, run_id = 0, [], None
-    state = resumable_state(ckpt_path, identity, cfg.name)
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, run_id = state["epoch"] + 1, state["history"], state.get("run_id")
-        print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1} of {o.epochs} from {ckpt_path}")
 
-    mlflow = tracking.setup(experiment) if rk.main else _NoTracking()
-    if rk.main:
-        run_id = _start_run(mlflow, cfg, run_id, prepared, device, profile, rk.world).info.run_id
+def resume(s: Session, path: Path) -> tuple[int, list[dict], str | None]:
+    """(first epoch to train, history so far, MLflow run to continue): from the run's checkpoint when it was
+    trained from the same inputs (resumable_state), else a fresh start."""
+    state = resumable_state(path, s.identity, s.cfg.name)
+    if state is None:
+        return 0, [], None
+    s.model.load_state_dict(state["state_dict"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    print(f"[{s.cfg.name}] resuming after epoch {state['epoch'] + 1} of {s.cfg.optim.epochs} from {path}")
+    return state["epoch"] + 1, state["history"], state.get("run_id")
+
+
+def open_run(s: Session, experiment: str, run_id: str | None, profile: str | None, start_epoch: int):
+    """(mlflow, run id): the run's MLflow run, continued when resuming; its params and config logged once. Ranks
+    other than 0 get a tracker that does nothing."""
+    if not ranks().main:
+        return _NoTracking(), run_id
+    mlflow = tracking.setup(experiment)
+    run_id = _start_run(mlflow, s.cfg, run_id, s.prepared, s.device, profile, ranks().world).info.run_id
     if start_epoch == 0:
-        mlflow.log_params(tracking.flatten({k: v for k, v in cfg.to_dict().items()}))
-        mlflow.log_dict(cfg.to_dict(), "config.yaml")
-        if init_log:
-            mlflow.log_dict(init_log, "init.json")
-    if "partial_init" in init_log:
-        pl = init_log["partial_init"]
-        print(f"[{cfg.name}] partial init: loaded {len(pl['loaded'])} keys, kept init for {pl['skipped']}")
+        mlflow.log_params(tracking.flatten(s.cfg.to_dict()))
+        mlflow.log_dict(s.cfg.to_dict(), "config.yaml")
+        if s.init_log:
+            mlflow.log_dict(s.init_log, "init.json")
+    if "partial_init" in s.init_log:
+        pl = s.init_log["partial_init"]
+        print(f"[{s.cfg.name}] partial init: loaded {len(pl['loaded'])} keys, kept init for {pl['skipped']}")
+    return mlflow, run_id
 
-    # one checkpoint schema (pipeline.io): model.pt is checkpoint.pt without the training state (which includes
-    # the MLflow run to continue: a model's bytes, and so its students' identities, depend on its weights only)
-    record = {"model": cfg.model, "model_kwargs": kwargs, "identity": identity,
-              "config": {"img_size": d.img_size, "transform": eval_transform}}
-    wall_start = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, o.epochs):
-            seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * rk.rank)  # resume-exact: RNGs restart each epoch
-            t0 = time.perf_counter()
-            row = train_one_epoch(cfg, epoch, net, train_loader, objective, optimizer, scheduler, device,
-                                  autocast, progress and rk.main)
-            if not rk.main:  # rank 0 evaluates, logs and writes; the others go on to the next epoch's steps
-                history.append(row)
-                continue
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == o.epochs:
-                acc = evaluate(model, test_loader, device, autocast, fmt)
-                row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
-            row["epoch_time_s"] = time.perf_counter() - t0
-            history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            save_checkpoint(ckpt_path, {**record, "state_dict": model.state_dict(), "epoch": epoch,
-                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "history": history, "run_id": run_id})
-            msg = f"[{cfg.name}] epoch {epoch + 1}/{o.epochs} loss {row['train/loss']:.4f}"
-            if "test/top1" in row:
-                msg += f" test top-1 {row['test/top1']:.2f}"
-            print(msg + f" ({row['train/images_per_s']:.0f} img/s)", flush=True)
-    except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run(status=status)
-        raise
-    finally:
-        if objective.imitation is not None:
-            objective.imitation.remove()
 
-    if not rk.main:
-        return {"name": cfg.name, "history": history}
-    final = history[-1]
+def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
+    """One epoch's steps, then (rank 0, every `eval_every` epochs and at the end) the test set: its history row."""
+    cfg, main = s.cfg, ranks().main
+    seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * ranks().rank)  # resume-exact: RNGs restart each epoch
+    t0 = time.perf_counter()
+    row = train_one_epoch(cfg, epoch, s.net, s.train_loader, s.objective, s.optimizer, s.scheduler, s.device,
+                          s.autocast, progress and main)
+    if not main:
+        return row
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+        acc = evaluate(s.model, s.test_loader, s.device, s.autocast, memory_format(cfg))
+        row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
+    row["epoch_time_s"] = time.perf_counter() - t0
+    return row
+
+
+def print_epoch(cfg: TrainConfig, row: dict) -> None:
+    msg = f"[{cfg.name}] epoch {row['epoch']}/{cfg.optim.epochs} loss {row['train/loss']:.4f}"
+    if "test/top1" in row:
+        msg += f" test top-1 {row['test/top1']:.2f}"
+    print(msg + f" ({row['train/images_per_s']:.0f} img/s)", flush=True)
+
+
+def finish(s: Session, out_dir: Path, history: list[dict], run_id: str, mlflow, session_s: float) -> dict:
+    """The final files, written last (model.pt, history.json, then metrics.json), and the run's final metrics."""
+    cfg, final = s.cfg, history[-1]
     metrics = {
         "name": cfg.name, "variant": cfg.variant or cfg.name, "seed": cfg.seed, "role": cfg.role, "model": cfg.model,
-        "run_id": run_id, "data_hash": prepared.data_hash, "identity": identity, "epochs": o.epochs,
+        "run_id": run_id, "data_hash": s.prepared.data_hash, "identity": s.identity, "epochs": cfg.optim.epochs,
         "test_top1": final["test/top1"], "test_top5": final["test/top5"],
         "train_images_per_s": float(np.median([r["train/images_per_s"] for r in history])),
-        "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(device),
-        "session_wall_time_s": time.perf_counter() - wall_start,
+        "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(s.device),
+        "session_wall_time_s": session_s,
     }
-    model.cpu()
-    save_checkpoint(out_dir / "model.pt", {**record, "state_dict": model.state_dict()})
+    s.model.cpu()
+    save_checkpoint(out_dir / "model.pt", {**s.record, "state_dict": s.model.state_dict()})
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     mlflow.log_metrics({"final/test_top1": metrics["test_top1"], "final/test_top5": metrics["test_top5"]})
@@ -558,7 +625,7 @@ def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared,
     tags = {"table": ",".join(cfg.tables), "variant": cfg.variant or cfg.name, "seed": str(cfg.seed),
             "role": cfg.role, "model": cfg.model,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
-            "device": str(device), "processes": str(processes), "stage": "train", **tracking.git_state(),
+            "device": str(device), "processes": str(processes), "stage": "train", **git_state(),
             **tracking.parent_tags(profile)}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)
     tracking.log_dataset(mlflow, prepared.path, prepared.meta["source"], prepared.data_hash[:32], "training")
@@ -589,7 +656,6 @@ def _run(args: argparse.Namespace) -> dict:
     # Several runs: one after another in this process (a Snakemake / DVC job of the study's train_batches). A run
     # that fails does not stop the others (but under torchrun); the job fails at the end, naming it. Each run is
     # what it would be alone.
-    from pipeline.study import load_study
     study = load_study(args.profile, check_data=False)
     results, failed = {}, {}
     for name in args.run:

@@ -11,7 +11,7 @@ pytest_plugins = ["mlflow_server"]  # the `mlflow_server` fixture: an MLflow ser
 @pytest.fixture(scope="session")
 def small_fashion_mnist(tmp_path_factory):
     """A class-balanced 500/200 subset of the real Fashion-MNIST, prepared by the real stage."""
-    from pipeline.data import prepare
+    from pipeline.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "fmnist"
     prepare("fashion-mnist", out, train_subset=500, test_subset=200)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import count_macs, count_params
 from pipeline.config import UsageCfg
 from pipeline.io import save_checkpoint
 from pipeline.losses import UsageLoss
+from pipeline.measure import count_macs, count_params
 from pipeline.models.adavit import checkpoint_filter_fn, gumbel_sigmoid, sinusoid_table
 from pipeline.train import init_from_file
 

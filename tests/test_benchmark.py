@@ -6,7 +6,7 @@ import torch
 
 import pipeline.models  # noqa: F401
 from pipeline.__main__ import STAGES, main
-from pipeline.benchmark import count_macs
+from pipeline.measure import count_macs
 from pipeline.models import metaformer_blocks
 
 
@@ -69,7 +69,7 @@ def test_bench_train_measures_every_trained_architecture_once(tmp_path):
     """bench-train: one row per distinct architecture of the profile, training FLOPs about 3x the forward's
     (the backward pass computes two products per forward one), a share of the measured GEMM rate."""
     from pipeline.bench_train import bench_train
-    from pipeline.benchmark import count_macs
+    from pipeline.measure import count_macs
     from pipeline.study import load_study
 
     study = load_study("smoke", check_data=False)

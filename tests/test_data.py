@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, build_loader, load_prepared, prepare
+from pipeline.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, build_loader, load_prepared
+from pipeline.prepare import prepare
 
 
 def write_idx(path, array: torch.Tensor, compress=True):

@@ -7,9 +7,7 @@ import torch
 from test_reparameterize import randomize
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import ORT
-from pipeline.export import OrtModel, export_onnx, ort_session
-from pipeline.reparameterize import max_logit_difference
+from pipeline.measure import ORT, OrtModel, export_onnx, max_logit_difference, ort_session
 
 
 @pytest.mark.parametrize("name,kwargs", [("riformer_nano", {}), ("poolformer_nano", {})])

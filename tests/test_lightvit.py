@@ -9,7 +9,7 @@ from conftest import assert_grad_checkpointing_is_exact
 from timm.optim import create_optimizer_v2
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import count_params
+from pipeline.measure import count_params
 from pipeline.models.lightvit import (
     LightViTAttention,
     ResidualMergePatch,

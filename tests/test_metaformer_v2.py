@@ -5,9 +5,9 @@ import torch
 from timm.models.metaformer import Attention, SepConv
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import count_params
 from pipeline.config import MICfg
 from pipeline.losses import ModuleImitation
+from pipeline.measure import count_params
 from pipeline.models.metaformer_v2 import CA_NORMS, CONV_NORMS, RandomMixing
 
 

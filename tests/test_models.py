@@ -4,7 +4,7 @@ import timm
 import torch
 
 import pipeline.models  # noqa: F401
-from pipeline.benchmark import count_params
+from pipeline.measure import count_params
 from pipeline.models import Affine, metaformer_blocks
 
 # riformer.md Sec. 1: deploy RIFormer = PoolFormer; training form adds 2*C per block. Our deploy form also folds

@@ -10,8 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.evaluate import save_predictions
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, save_predictions, write_json
 from pipeline.publish import compare, publish
 from pipeline.report import Results, guideline_verdicts, load_paper, write_report
 from pipeline.study import load_study
@@ -178,7 +177,7 @@ def test_verdicts_reach_all_three(tmp_path, monkeypatch, partial, verdict):
 def test_guideline_interval_is_the_paired_t_interval_with_one_seed(study):
     fake_results(study, paper_like(), jitter=0.2)
     g5 = verdicts_of(study)[5]["votes"][0]["ours"]
-    from pipeline.evaluate import load_predictions
+    from pipeline.io import load_predictions
     a, la = load_predictions(study.predictions_path("affine-mi-partial"))
     b, lb = load_predictions(study.predictions_path("affine-mi-feat80-rel20-l4"))
     ci = stats.ttest_rel(100.0 * (a == la), 100.0 * (b == lb)).confidence_interval(0.95)

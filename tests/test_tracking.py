@@ -8,6 +8,7 @@ from mlflow.store.tracking.dbmodels.models import SqlDataset
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.repo import git_state
 
 
 def _miss_first_dataset_lookup(monkeypatch):
@@ -55,8 +56,8 @@ def test_git_state_counts_code_not_the_reports_the_pipeline_writes(tmp_path):
     (tmp_path / "train.py").write_text("code\n")
     git("add", ".")
     git("commit", "-qm", "init")
-    assert tracking.git_state(tmp_path)["git_dirty"] == "false"
+    assert git_state(tmp_path)["git_dirty"] == "false"
     (tmp_path / "reports" / "README.md").write_text("new report\n")
-    assert tracking.git_state(tmp_path)["git_dirty"] == "false"
+    assert git_state(tmp_path)["git_dirty"] == "false"
     (tmp_path / "train.py").write_text("changed code\n")
-    assert tracking.git_state(tmp_path)["git_dirty"] == "true"
+    assert git_state(tmp_path)["git_dirty"] == "true"

@@ -246,7 +246,7 @@ def _train_logged(cfg, out, capsys):
 def test_a_changed_input_restarts_the_run_instead_of_resuming(tmp_path, capsys):
     """Issue 11: re-prepared data at the same path, a retrained teacher, or a changed config each start the run
     over and say which input changed; the same inputs resume (here: a finished run, nothing left to train)."""
-    from pipeline.data import prepare
+    from pipeline.prepare import prepare
 
     data = tmp_path / "data"
     prepare("fashion-mnist", data, train_subset=200, test_subset=100)
@@ -280,7 +280,7 @@ def test_a_changed_input_restarts_the_run_instead_of_resuming(tmp_path, capsys):
 def test_other_classes_or_channels_at_the_same_path_restart_or_fail_clearly(tmp_path, capsys):
     from PIL import Image
 
-    from pipeline.data import prepare
+    from pipeline.prepare import prepare
 
     data = tmp_path / "data"
     prepare("fashion-mnist", data, train_subset=100, test_subset=50)  # 10 classes, 1 channel

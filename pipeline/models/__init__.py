@@ -8,7 +8,25 @@ MetaFormer baselines (Table 9) and Swin (Table 5's teacher): riformerv2_s12/s18/
 randformer_s12/n12, poolformerv2_n12, convformer_n18, caformer_n18, swin_nano (pipeline/models/metaformer_v2.py).
 PoolFormer S12..M48, PoolFormerV2, ConvFormer, CAFormer and Swin at their published sizes come from timm itself.
 """
+import timm
+import torch.nn as nn
+
 from . import adavit, gfnet, lightvit, metaformer_v2, riformer  # noqa: F401  (registration side effect)
 from .riformer import TOKEN_MIXERS, Affine, RIFormer, RIFormerBlock, metaformer_blocks
 
-__all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock", "metaformer_blocks"]
+__all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock", "create_model", "metaformer_blocks",
+           "model_kwargs"]
+
+
+def model_kwargs(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> dict:
+    """The keyword arguments a study model is built with: the data's classes and channels, the model's own
+    kwargs, and the image size for GFNet, whose global filters have the shape of the token grid."""
+    out = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
+    if name.startswith("gfnet"):
+        out.setdefault("img_size", img_size)
+    return out
+
+
+def create_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> nn.Module:
+    """A registry model for data of `num_classes` classes and `in_chans` channels at `img_size` (model_kwargs)."""
+    return timm.create_model(name, **model_kwargs(name, num_classes, in_chans, img_size, **kwargs))

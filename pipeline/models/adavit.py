@@ -536,3 +536,19 @@ def ada_deit_nano(pretrained=False, **kwargs) -> AdaViT:
 def deit_nano(pretrained=False, **kwargs) -> VisionTransformer:
     """The dense DeiT of ada_deit_nano's shape (its initialisation and its T6 baseline)."""
     return _create(VisionTransformer, "deit_nano", pretrained, vit_filter_fn, **{**_NANO, **kwargs})
+
+
+class FastPath(nn.Module):
+    """An AdaViT whose forward is its fast path (`forward_fast`), so that a benchmark times it like any model."""
+
+    def __init__(self, model: AdaViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_fast(x)
+
+
+def fast_path_label(label: str) -> str:
+    """The benchmark row of an AdaViT architecture's fast path."""
+    return label + " (fast path)"

@@ -1,5 +1,4 @@
-# Shared helpers: the study (validated before anything runs), paths and the MLflow session.
-import json
+# Shared helpers: the study (validated before anything runs), its stage graph and the MLflow session.
 import re
 import sys
 from pathlib import Path
@@ -8,8 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir).parent))
 
 from pipeline import tracking
-from pipeline.report import FIGURES
-from pipeline.identity import STAGE_CODE
+from pipeline.stages import stages
 from pipeline.study import load_study
 
 PROFILE = config["profile"]
@@ -17,23 +15,38 @@ STUDY = load_study(
     PROFILE,
     overrides={"data": {"root": config["data_root"]}} if config.get("data_root") else None,
 )
-R = str(STUDY.results)
+STAGES = stages(STUDY)
 LOGS = f"logs/{PROFILE}"
 # Snakemake scales a job's threads down to --cores: jobs that ask for this take the whole machine, so
 # the throughput and latency measurements run with nothing else beside them.
 MAX_THREADS = 1024
+THREADS = {"all": MAX_THREADS, "train": STUDY.settings["train"]["threads"], "one": 1, None: 1}
 
 
-wildcard_constraints:
-    run="[A-Za-z0-9_.-]+",
+def output(stage, path):
+    """A stage's output as Snakemake declares it: folders as directory(), the report's tables (CSV) and figures
+    (PNG) as items of `snakemake --report`."""
+    if path in stage.directories:
+        return directory(path)
+    if path.startswith(f"{STUDY.report_dir}/tables/") and path.endswith(".csv"):
+        return report(path, category="Tables", labels={"table": Path(path).stem})
+    if path.startswith(f"{STUDY.report_dir}/figures/") and path.endswith(".png"):
+        return report(path, category="Figures", labels={"figure": Path(path).stem})
+    return path
 
 
-def run_config_json(run):
-    """The resolved config of a run: Snakemake reruns a job whose params changed, and only that job (which
-    tables show the run is not part of it)."""
-    config = STUDY.run_config(run).to_dict()
-    config.pop("tables")
-    return json.dumps(config, sort_keys=True)
+def shell_command(stage):
+    """`python -m pipeline <stage> ...` with the profile, the job's threads and its log."""
+    command = stage.command.replace("{profile}", PROFILE).replace("{run}", "{wildcards.run}")
+    threads = " --threads {threads}" if stage.threads else ""
+    return f"{stage.launcher} {command}{threads} > {{log}} 2>&1"
+
+
+def final_outputs():
+    """The outputs of the stages no other stage reads from (the report, the ONNX exports): asking for them asks
+    for the whole DAG."""
+    read = {p for stage in STAGES for p in stage.each(stage.deps)}
+    return [p for stage in STAGES if not read & set(stage.each(stage.outputs)) for p in stage.each(stage.outputs)]
 
 
 def start_mlflow_session():
@@ -44,25 +57,3 @@ def start_mlflow_session():
 
 def end_mlflow_session(status):
     tracking.end_session(PROFILE, status)
-
-
-# Order among ready jobs (Snakemake's priority): first the jobs other runs wait for (the teachers, and the job of
-# the imitation teacher pooling-ce), then the jobs with the most imitation runs (the longest), so that the last
-# jobs to run are short ones and no core idles at the end.
-STUDENTS = set(STUDY.student_runs)
-WAITED_FOR = 1000
-
-
-def job_priority(runs):
-    if any(set(STUDY.references(r)) & set(runs) for r in STUDY.student_runs):
-        return WAITED_FOR
-    return sum(1 for r in runs if set(STUDY.references(r)) & STUDENTS)
-
-
-def job_rule_name(batch):
-    return f"train_{re.sub(r'[^A-Za-z0-9_]', '_', batch)}"
-
-
-def gpu_of(measurement):
-    """A measurement on CUDA (the paper profile) asks the cluster for a GPU."""
-    return {"gpu": 1} if measurement.get("device") == "cuda" else {}

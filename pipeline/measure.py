@@ -1,0 +1,258 @@
+"""Measurement primitives, the same for every model and every stage: params and MACs, throughput from one
+interleaved run, ONNX Runtime twins, logit differences and the test-set evaluation loop.
+
+MACs: one counter for every model, torch's FlopCounterMode (matmul, conv, bmm, addmm, attention; FLOPs/2),
+plus GFNet's FFTs with the usual real-FFT cost of 2.5 N log2 N FLOPs per transform of N points.
+Element-wise work (norms, activations, GFNet's complex filter product, pooling) is not counted, as in
+fvcore and the papers' tables.
+
+Throughput: warm-up, then `repeats` rounds; in each round every model runs `iters` batches, in an order
+rotated from round to round, so that all models see the same machine state. Each model's images/s is
+reported as median, min and max over rounds, and each ratio to the reference model is taken per round
+(the two timings of a round are adjacent) and summarised the same way.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from timm.utils import accuracy
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from pipeline.io import atomic_path
+
+aten = torch.ops.aten
+ORT = " [onnxruntime]"  # suffix of a model's ONNX Runtime twin in a benchmark
+
+
+# ------------------------------------------------------------------------------------------- params, MACs
+def _fft_flops(in_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    real = max(in_shape, out_shape, key=math.prod)  # the real side of an r2c / c2r transform is the longer
+    n_points = math.prod(real[d] for d in dim)
+    return int(2.5 * n_points * math.log2(max(n_points, 2)) * (math.prod(real) // n_points))
+
+
+FFT_FLOPS = {aten._fft_r2c.default: _fft_flops, aten._fft_c2r.default: _fft_flops,
+             aten._fft_c2c.default: _fft_flops}
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, plus the fixed tensors the reference code holds as frozen Parameters (and counts) and we hold as
+    buffers, so that every parameter gets a gradient (timm's model tests): AdaViT's position embedding
+    (pipeline/models/adavit.py) and RandFormer's random token-mixing matrices (pipeline/models/metaformer_v2.py)."""
+    fixed = sum(b.numel() for name, b in model.named_buffers()
+                if name.split(".")[-1] in ("pos_embed", "random_matrix"))
+    return sum(p.numel() for p in model.parameters()) + fixed
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of one image of `input_shape` (C, H, W)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False, custom_mapping=FFT_FLOPS)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+# ------------------------------------------------------------------------------------------- throughput
+def summarize(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_throughput(models: dict[str, nn.Module], batch: torch.Tensor | list[torch.Tensor],
+                       warmup: int = 2, repeats: int = 7, iters: int = 3,
+                       progress: bool = True) -> dict[str, list[float]]:
+    """Images/s of each model per round, from one interleaved run (see module docstring). `batch` may be a
+    list of batches (e.g. single images): one iteration then runs them all."""
+    batches = batch if isinstance(batch, list) else [batch]
+    device, dtype = batches[0].device, batches[0].dtype
+    n_images = sum(len(b) for b in batches)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    names = list(models)
+    for model in models.values():
+        model.eval()
+
+    def run(name: str, times: int) -> None:
+        for _ in range(times):
+            for b in batches:
+                models[name](b)
+
+    with autocast:
+        for name in tqdm(names, desc="warm-up", disable=not progress, leave=False):
+            run(name, warmup)
+        _sync(device)
+        samples = {name: [] for name in names}
+        for r in tqdm(range(repeats), desc="throughput rounds", disable=not progress, leave=False):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                _sync(device)
+                start = time.perf_counter()
+                run(name, iters)
+                _sync(device)
+                samples[name].append(iters * n_images / (time.perf_counter() - start))
+    return samples
+
+
+def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Per-round images/s ratio of each model to the reference of its own runtime (torch, or ONNX Runtime for the
+    `ORT`-suffixed twins); the two timings of a round are adjacent."""
+    return {name: summarize([a / b for a, b in zip(s, samples[reference + ORT if name.endswith(ORT) else reference],
+                                                   strict=True)])
+            for name, s in samples.items()}
+
+
+def benchmark_models(models: dict[str, nn.Module], input_shape: tuple[int, int, int], batch_size: int,
+                     device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
+                     repeats: int = 7, iters: int = 3, reference: str | None = None,
+                     progress: bool = True, images: torch.Tensor | None = None,
+                     onnxruntime: bool | list[str] = False) -> dict:
+    """Params, MACs and interleaved throughput of several models, as one JSON-ready record. The batch is
+    `images` (real test images: input-dependent models such as AdaViT need them) or random numbers.
+    `onnxruntime` (True: every model; or a list of names): those models are also exported to ONNX and timed in
+    ONNX Runtime in the same rounds (CPU, fp32), as `name [onnxruntime]`."""
+    rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
+    models = {name: m.to(device) for name, m in models.items()}
+    if device.type == "cuda":
+        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
+    batch = (images[:batch_size].to(device, dtype) if images is not None
+             else torch.randn(batch_size, *input_shape, device=device, dtype=dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnxruntime:
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError("onnxruntime: CPU and float32 only")
+            names = list(models) if onnxruntime is True else onnxruntime
+            models.update(onnx_pair({n: models[n] for n in names}, batch[:2], Path(tmp), torch.get_num_threads()))
+            rows.update({name + ORT: dict(rows[name]) for name in names})
+        samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
+    for name, s in samples.items():
+        rows[name]["throughput"] = summarize(s)
+    if reference is not None:
+        for name, r in ratios(samples, reference).items():
+            rows[name]["ratio_to_reference"] = r
+    return {
+        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
+        "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "reference": reference,
+        "torch": torch.__version__, "timm": timm.__version__, "models": rows,
+    }
+
+
+def print_benchmark(result: dict) -> None:
+    reference = result["reference"]
+    for name, row in result["models"].items():
+        t, r = row["throughput"], row.get("ratio_to_reference")
+        print(f"{name:28s} params {row['params']:>11,d}  MACs {row['macs'] / 1e9:7.3f} G  "
+              f"img/s median {t['median']:9.2f} [{t['min']:.2f}, {t['max']:.2f}]"
+              + (f"  x{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] vs {reference}"
+                 + (ORT if name.endswith(ORT) else "") if r else ""))
+
+
+# ------------------------------------------------------------------------------------------- ONNX Runtime
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> None:
+    """The model as ONNX (input `images`, output `logits`, dynamic batch), written atomically. The TorchScript
+    exporter (deprecated in torch 2.15, which warns that it will be removed): ~0.3-0.5 s for a nano model against
+    ~9 s for the dynamo exporter, 81 models per default study. Both give logits within 1e-7 of torch's here."""
+    model.eval()
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # group_norm's "batch of one" check is a Python branch: traced as the constant it is for the example
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's: see the docstring
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def ort_session(path: str | Path, threads: int):
+    import onnxruntime as ort  # deferred: ~0.3 s, and only ONNX checks and twins need it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ONNX Runtime's pool threads spin after each call by default: in an interleaved benchmark they would take the
+    # CPU from the model timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtModel(nn.Module):
+    """An ONNX Runtime session behind a torch module's call, so that it is timed like the others."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session, self.input = session, session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: images.numpy()})[0])
+
+
+def onnx_pair(models: dict[str, nn.Module], example: torch.Tensor, folder: Path,
+              threads: int) -> dict[str, nn.Module]:
+    """Each torch model beside its ONNX Runtime twin (`name [onnxruntime]`), exported into `folder`."""
+    out = {}
+    for i, (name, model) in enumerate(models.items()):
+        path = folder / f"model{i}.onnx"
+        export_onnx(model, example, path)
+        out[name], out[name + ORT] = model, OrtModel(ort_session(path, threads))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- outputs
+@torch.no_grad()
+def max_logit_difference(a: nn.Module, b: nn.Module, batches) -> dict:
+    """The largest |logit difference| between two models over `batches` of (images, labels)."""
+    a.eval()
+    b.eval()
+    diff, scale, n = 0.0, 0.0, 0
+    for images, _ in batches:
+        la, lb = a(images), b(images)
+        diff = max(diff, (la - lb).abs().max().item())
+        scale = max(scale, la.abs().max().item())
+        n += len(images)
+    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "num_images": n}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontext,
+             fmt: torch.memory_format = torch.contiguous_format) -> dict:
+    """Top-1 and top-5 (%), mean cross-entropy, and each image's predicted class and label (`pred`, `label`).
+    `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too)."""
+    model.eval()
+    n, top1, top5, loss, preds, targets = 0, 0.0, 0.0, 0.0, [], []
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.contiguous(memory_format=fmt)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        a1, a5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
+        b = len(labels)
+        n, top1, top5 = n + b, top1 + a1.item() * b, top5 + a5.item() * b
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        preds.append(logits.argmax(1).cpu())
+        targets.append(labels.cpu())
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": torch.cat(preds), "label": torch.cat(targets)}
