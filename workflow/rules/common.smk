@@ -35,11 +35,10 @@ def output(stage, path):
     return path
 
 
-def shell_command(stage):
-    """`python -m pipeline <stage> ...` with the profile, the job's threads and its log."""
-    command = stage.command.replace("{profile}", PROFILE).replace("{run}", "{wildcards.run}")
-    threads = " --threads {threads}" if stage.threads else ""
-    return f"{stage.launcher} {command}{threads} > {{log}} 2>&1"
+def command_line(stage, wildcards, threads):
+    """`python -m pipeline <stage> ...` of one job: the profile, its teacher (foreach stages) and its threads."""
+    command = stage.command.replace("{profile}", PROFILE).replace("{run}", wildcards.get("run", ""))
+    return f"{stage.launcher} {command}" + (f" --threads {threads}" if stage.threads else "")
 
 
 def final_outputs():

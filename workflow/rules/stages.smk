@@ -17,6 +17,8 @@ for stage in STAGES:
         log:
             f"{LOGS}/{stage.log}.log",
         params:
+            # values of this loop's stage, bound now: the shell command below runs after the loop has ended
+            command=lambda wildcards, threads, s=stage: command_line(s, wildcards, threads),
             settings=(lambda wildcards, s=stage.settings: s[wildcards.run])
             if stage.foreach
             else stage.settings,
@@ -27,4 +29,4 @@ for stage in STAGES:
         resources:
             **stage.resources,
         shell:
-            shell_command(stage)
+            "{params.command} > {log} 2>&1"
