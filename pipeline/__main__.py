@@ -14,7 +14,7 @@ STAGES = {
     "train": ("pipeline.train", "train a teacher or a student variant (one training loop for both)"),
     "reparameterize": ("pipeline.reparameterize", "merge the affine token mixer into the norm (deploy form)"),
     "evaluate": ("pipeline.evaluate", "test accuracy, params and MACs of a run's deploy model"),
-    "export": ("pipeline.export", "every student's deploy model as ONNX, checked and timed in ONNX Runtime"),
+    "export": ("pipeline.export", "every student's deploy model as ONNX, checked in ONNX Runtime and logged to MLflow"),
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "bench-train": ("pipeline.bench_train", "training images/s, FLOPs per image and share of matmul peak per model"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
