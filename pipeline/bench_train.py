@@ -6,7 +6,7 @@ teacher, no data loading), the training FLOPs per image (FlopCounterMode over th
 convolutions, matmuls, attention, GFNet's FFTs; element-wise work not counted), and the fraction of the machine's
 matmul FLOP/s those images/s reach. The matmul reference is a float32 GEMM (n = 1024) at the same thread count,
 measured in the same interleaved rounds as the models, so that all of them see the same machine state
-(pipeline.benchmark's protocol: each entry's median over rounds, with min and max). This is the number a training
+(pipeline.measure's protocol: each entry's median over rounds, with min and max). This is the number a training
 speed-up is judged by.
 """
 from __future__ import annotations

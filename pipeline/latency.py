@@ -2,7 +2,7 @@
 
 A 12-layer ViT-B (no pooling, no head) is built up one component at a time: input embedding, +LN,
 +attention, +residual, +LN, +MLP, +residual. Each cumulative model is timed in one interleaved run
-(`pipeline.benchmark.measure_throughput`), and the token mixer's share is the latency that adding
+(`pipeline.measure.measure_throughput`), and the token mixer's share is the latency that adding
 attention costs, over the full model's latency.
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ Constructor arguments; each default is the reference's (another value is a devia
 * `train_pos_embed=False`: the position embedding is fixed: the sinusoid table of T2T-ViT until a checkpoint
   overwrites it (the reference's Ada-DeiT-S keeps its dense DeiT's, frozen). The reference holds it as a
   Parameter with requires_grad=False; here it is a buffer under the same key `pos_embed` (every parameter then
-  trains, as timm's model tests require), and pipeline.benchmark.count_params counts it as the reference does;
+  trains, as timm's model tests require), and pipeline.measure.count_params counts it as the reference does;
 * `decision_bias=0.0`: the decision heads' initial bias (the reference inits every Linear with bias 0, so
   evaluation at first drops every patch: sigmoid(0) < 0.6; a positive bias starts from "keep everything");
 * `tau`, `head_threshold`, `block_threshold`, `patch_threshold`: as above.
