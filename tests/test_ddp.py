@@ -21,7 +21,14 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 # Two processes sum their halves of each batch's gradient in another order than one process, and each half's
 # convolutions round differently: the histories agree to float32 rounding grown over 30 steps (measured: at most
 # 2e-4 relative, on the smallest term, the soft-distillation loss of ~0.004; 1e-5 on the others).
-LOSS_RTOL = 1e-3
+# The loss terms: the same reordering of float sums, compounded over the steps (measured on two machines: worst
+# 2e-4 and 1.4e-3, on the smallest term, soft KD ~0.004); a DDP replica that did not average its gradients, or saw
+# other images, is off by percents.
+LOSS_RTOL = 5e-3
+# Accuracies are counts: the all-reduce sums the two ranks' gradients in another order than one process does, so the
+# weights differ in the last bits and an image whose top two logits nearly tie can change class (measured: one of
+# the 250 training images in an epoch, 0.4 points). At most two images' worth of the smaller split (200 test images).
+ACC_ABS = 1.0
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +76,9 @@ def test_two_processes_train_what_one_process_trains(runs):
     for epoch, (a, b) in enumerate(zip(single, ddp, strict=True)):
         assert set(b) == set(a)
         for k in terms[epoch]:
+            if k.endswith(("top1", "top5")):  # counts of images: one image near a tie may flip (see ACC_ABS)
+                assert b[k] == pytest.approx(a[k], abs=ACC_ABS), f"epoch {epoch + 1} {k}: {a[k]} vs {b[k]}"
+                continue
             assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL), f"epoch {epoch + 1} {k}: {a[k]} vs {b[k]}"
             worst = max(worst, abs(b[k] - a[k]) / abs(a[k])) if a[k] else worst
     print(f"DDP (2 processes) vs 1 process: worst relative difference of an epoch's loss or test metric {worst:.2e}")

@@ -18,7 +18,7 @@ __all__ = ["TOKEN_MIXERS", "Affine", "RIFormer", "RIFormerBlock", "create_model"
            "model_kwargs"]
 
 
-def model_kwargs(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> dict:
+def model_kwargs(name: str, num_classes: int, in_chans: int, img_size: int, /, **kwargs) -> dict:
     """The keyword arguments a study model is built with: the data's classes and channels, the model's own
     kwargs, and the image size for GFNet, whose global filters have the shape of the token grid."""
     out = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
@@ -27,6 +27,6 @@ def model_kwargs(name: str, num_classes: int, in_chans: int, img_size: int, **kw
     return out
 
 
-def create_model(name: str, num_classes: int, in_chans: int, img_size: int, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, in_chans: int, img_size: int, /, **kwargs) -> nn.Module:
     """A registry model for data of `num_classes` classes and `in_chans` channels at `img_size` (model_kwargs)."""
     return timm.create_model(name, **model_kwargs(name, num_classes, in_chans, img_size, **kwargs))
