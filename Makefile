@@ -35,10 +35,10 @@ dataset:
 	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q dataset-fashion-mnist; }; \
-	else echo "No apt-get here: get the four Fashion-MNIST IDX files and set data.raw_dir (see README)."; fi
+	else echo "No apt-get here: get the four Fashion-MNIST IDX files and set data.raw_dir (see docs/study.md)."; fi
 
 # timm's own model test suite (tests/test_models.py of the pinned timm's source distribution on PyPI), run over
-# every model the project registers (tests/timm_contract.py selects them; see the README's "Models").
+# every model the project registers (tests/timm_contract.py selects them; see docs/models.md).
 TIMM_VERSION := $(shell sed -n 's/.*"timm==\([^"]*\)".*/\1/p' pyproject.toml)
 TIMM_SUITE   := .cache/timm-$(TIMM_VERSION)/tests/test_models.py
 
