@@ -80,9 +80,9 @@ def prepare_stage(study: Study) -> Stage:
 
 
 def _training(study: Study, runs: list[str]) -> dict:
-    return {"outs": [f"{study.results}/runs/{r}/model.pt" for r in runs],
-            "metrics": [f"{study.results}/runs/{r}/metrics.json" for r in runs],
-            "plots": [f"{study.results}/runs/{r}/history.json" for r in runs]}
+    return {"outs": _str(study.model_path(r) for r in runs),
+            "metrics": _str(study.run_dir(r) / "metrics.json" for r in runs),
+            "plots": _str(study.run_dir(r) / "history.json" for r in runs)}
 
 
 def run_config_json(study: Study, run: str) -> str:

@@ -401,9 +401,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     objective: Objective
-    record: dict  # what every checkpoint of the run says about its model (pipeline.io's checkpoint schema)
+    record: dict  # what every checkpoint of the run says about its model and its identity (pipeline.io's schema)
     init_log: dict
-    identity: dict
 
 
 def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, profile: str | None,
@@ -464,7 +463,7 @@ def build_session(cfg: TrainConfig, cache_dir: Path | None) -> Session:
     record = {"model": cfg.model, "model_kwargs": kwargs, "identity": run_identity(cfg, prepared.data_hash),
               "config": {"img_size": cfg.data.img_size, "transform": eval_transform}}
     return Session(cfg, prepared, device, autocast, model, net, train_loader, test_loader, optimizer, scheduler,
-                   objective, record, init_log, record["identity"])
+                   objective, record, init_log)
 
 
 def build_model(cfg: TrainConfig, prepared: Prepared, device: torch.device) -> tuple[nn.Module, dict, dict]:
@@ -542,7 +541,7 @@ def build_objective(cfg: TrainConfig, model: nn.Module, kd_teacher: nn.Module | 
 def resume(s: Session, path: Path) -> tuple[int, list[dict], str | None]:
     """(first epoch to train, history so far, MLflow run to continue): from the run's checkpoint when it was
     trained from the same inputs (resumable_state), else a fresh start."""
-    state = resumable_state(path, s.identity, s.cfg.name)
+    state = resumable_state(path, s.record["identity"], s.cfg.name)
     if state is None:
         return 0, [], None
     s.model.load_state_dict(state["state_dict"])
@@ -598,7 +597,8 @@ def finish(s: Session, out_dir: Path, history: list[dict], run_id: str, mlflow, 
     cfg, final = s.cfg, history[-1]
     metrics = {
         "name": cfg.name, "variant": cfg.variant or cfg.name, "seed": cfg.seed, "role": cfg.role, "model": cfg.model,
-        "run_id": run_id, "data_hash": s.prepared.data_hash, "identity": s.identity, "epochs": cfg.optim.epochs,
+        "run_id": run_id, "data_hash": s.prepared.data_hash, "identity": s.record["identity"],
+        "epochs": cfg.optim.epochs,
         "test_top1": final["test/top1"], "test_top5": final["test/top5"],
         "train_images_per_s": float(np.median([r["train/images_per_s"] for r in history])),
         "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(s.device),
