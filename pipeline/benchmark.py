@@ -1,5 +1,6 @@
 """`python -m pipeline benchmark`: params, MACs and interleaved throughput of registry models (a command line over
-pipeline.measure), and the study's benchmark that the evaluate stage writes (Table 6 and its siblings).
+pipeline.measure); with `--profile`, the study's benchmark (Table 6 and its siblings: the benchmark stage, alone on
+the machine once the first seed's deploy models exist).
 
 Models are named by spec strings, `name[:form]` or a checkpoint file (build_model). The paper's protocol is batch
 2048 at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it.
@@ -11,12 +12,14 @@ import argparse
 import timm
 import torch
 
+from pipeline import tracking
 from pipeline.adaptive import adaptive_speedup
 from pipeline.data import load_prepared, test_images
 from pipeline.io import load_checkpoint, model_from_checkpoint, write_json
 from pipeline.measure import benchmark_models, print_benchmark
 from pipeline.models import create_model
 from pipeline.models.adavit import FastPath, fast_path_label
+from pipeline.study import load_study
 
 
 def build_model(spec: str, num_classes: int, in_chans: int, img_size: int,
@@ -134,7 +137,31 @@ def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
                             s["iters"], reference=f"riformer_{s['names'][0]}:pooling")
 
 
+def run_study(profile: str, threads: int | None) -> dict:
+    """The study's benchmark (`benchmark --profile P`): written to its benchmark.json and logged to MLflow."""
+    study = load_study(profile, check_data=False)
+    with tracking.stage_run(study.profile, "benchmark", "all") as (mlflow, _):
+        bench = study_benchmark(study, threads)
+        write_json(study.benchmark_path, bench)
+        for label, row in bench["models"].items():
+            mlflow.log_metric(f"throughput/{_metric_name(label)}", row["throughput"]["median"])
+        mlflow.log_dict(bench, "benchmark.json")
+    print_benchmark(bench)
+    return bench
+
+
+def _metric_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in label)[:250]
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.profile:
+        if args.models or args.out:
+            raise SystemExit("benchmark: --profile runs the study's benchmark; --models and --out are for registry "
+                             "models")
+        return run_study(args.profile, args.threads)
+    if not (args.models and args.out):
+        raise SystemExit("benchmark: give --models and --out (registry models), or --profile (the study's)")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.protocol == "paper":
         args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
@@ -154,7 +181,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", required=True,
+    p.add_argument("--profile", help="the study's benchmark of this profile (its deploy models, written to "
+                                     "results/<profile>/benchmark.json); not with --models")
+    p.add_argument("--models", nargs="+",
                    help="registry names with an optional form, e.g. poolformer_s12 riformer_s12:deploy "
                         "riformer_s12:train, or checkpoint files (re-parameterized before timing)")
     p.add_argument("--reference", help="model the throughput ratios are taken against (default: the first)")
@@ -175,4 +204,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
     p.add_argument("--protocol", choices=["custom", "paper"], default="custom",
                    help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized)")
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", help="JSON file to write (with --models)")

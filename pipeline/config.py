@@ -45,6 +45,8 @@ class OptimCfg:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    fused: bool = True                   # torch's fused AdamW kernel (CPU and CUDA): the same update up to float
+                                         # rounding, x1.07 per riformer_nano step on one CPU thread (docs/speed.md)
     label_smoothing: float = 0.1
     grad_clip: float | None = None       # max gradient norm (null: none; mmpretrain's RIFormer configs: 5.0)
     affine_weight_decay: bool = True     # the affine token mixer's scale s gets weight decay (timm's and

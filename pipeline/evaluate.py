@@ -1,5 +1,7 @@
-"""`python -m pipeline evaluate --profile P`: test top-1/top-5, params and MACs of every run's deploy model, and
-the throughput of every deploy architecture of the study in one interleaved benchmark on the same device.
+"""`python -m pipeline evaluate --profile P`: test top-1/top-5, params and MACs of every run's deploy model. The stage
+of both drivers is one job per training job (`--job J`), which re-parameterizes the job's affine students and
+evaluates its runs as soon as the job has trained them, beside the training jobs still running (one thread each).
+The study's throughput benchmark is a stage of its own (`python -m pipeline benchmark --profile P`).
 AdaViT runs also get their fast path checked against the masked path, expected MACs averaged over the test
 set (their `macs`), usage ratios, decision examples for the report, and their speed-up over the dense DeiT.
 
@@ -18,10 +20,10 @@ import torch
 
 from pipeline import tracking
 from pipeline.adaptive import decision_examples, evaluate_adaptive
-from pipeline.benchmark import study_benchmark
 from pipeline.data import build_loader, load_prepared, test_images
 from pipeline.io import model_from_checkpoint, read_json, save_predictions, write_json
-from pipeline.measure import count_macs, count_params, evaluate, print_benchmark
+from pipeline.measure import count_macs, count_params, evaluate
+from pipeline.reparameterize import reparameterize_file
 from pipeline.study import Study, load_study
 
 
@@ -63,32 +65,38 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
     return result
 
 
+def job_runs(study: Study, job: str) -> list[str]:
+    """The runs of one training job (study.train_batches), or the teachers (`teachers`)."""
+    if job == "teachers":
+        return study.teacher_runs
+    if job not in study.train_batches:
+        raise SystemExit(f"evaluate: {study.profile} has no training job {job!r}; its jobs: teachers, "
+                         + ", ".join(study.train_batches))
+    return study.train_batches[job]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     study = load_study(args.profile, check_data=False)
-    runs = [args.run] if args.run else study.runs
+    runs = job_runs(study, args.job) if args.job else args.run or study.runs
     results = {}
-    with tracking.stage_run(study.profile, "evaluate", args.run or "all") as (mlflow, _):
+    with tracking.stage_run(study.profile, "evaluate", args.job or ",".join(args.run or ["all"])[:200]) as (mlflow, _):
         for run in runs:
+            if args.job and study.needs_reparameterize(run):  # the job's deploy models first, as the stage would
+                d = study.deploy_dir(run)
+                rep = reparameterize_file(study.model_path(run), study.data_dir, d / "model.pt", d / "reparam.json")
+                mlflow.log_metric(f"max_abs_logit_diff/{run}", rep["max_abs_logit_diff"])
             results[run] = evaluate_run(study, run, mlflow)
             write_json(study.eval_path(run), results[run])
             print(f"[{run}] deploy test top-1 {results[run]['test_top1']:.2f} top-5 {results[run]['test_top5']:.2f}, "
-                  f"{results[run]['params']:,} params, {results[run]['macs'] / 1e6:.1f} M MACs")
-        if not args.run:
-            bench = study_benchmark(study, args.threads)
-            write_json(study.benchmark_path, bench)
-            for label, row in bench["models"].items():
-                mlflow.log_metric(f"throughput/{_metric_name(label)}", row["throughput"]["median"])
-            mlflow.log_dict(bench, "benchmark.json")
-            print_benchmark(bench)
+                  f"{results[run]['params']:,} params, {results[run]['macs'] / 1e6:.1f} M MACs", flush=True)
     return results
-
-
-def _metric_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in label)[:250]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default")
-    p.add_argument("--run", help="evaluate only this run (no benchmark); default: every run, then the benchmark")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", nargs="+", help="evaluate only these runs (their deploy models must exist)")
+    which.add_argument("--job", help="one training job's runs (study.train_batches, or `teachers`), re-parameterizing "
+                                     "its affine students first: the stage of both drivers")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

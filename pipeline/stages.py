@@ -61,8 +61,8 @@ class Stage:
 
 def stages(study: Study) -> list[Stage]:
     """The study's jobs, in the order of the DAG."""
-    return [prepare_stage(study), teacher_stage(study), *student_stages(study), reparameterize_stage(study),
-            evaluate_stage(study), *export_stages(study), latency_stage(study), report_stage(study)]
+    return [prepare_stage(study), teacher_stage(study), *student_stages(study), *evaluate_stages(study),
+            benchmark_stage(study), *export_stages(study), latency_stage(study), report_stage(study)]
 
 
 def _json(obj) -> str:
@@ -126,28 +126,41 @@ def student_stages(study: Study) -> list[Stage]:
     return out
 
 
-def reparameterize_stage(study: Study) -> Stage:
-    affine = [r for r in study.runs if study.needs_reparameterize(r)]
-    return Stage("reparameterize", "reparameterize --profile {profile}",
-                 [str(study.data_dir), *_str(study.model_path(r) for r in affine)],
-                 _str(study.deploy_dir(r) / "model.pt" for r in affine),
-                 metrics=_str(study.deploy_dir(r) / "reparam.json" for r in affine), log="reparameterize")
-
-
 def _gpu(measurement: dict) -> dict:
     """A measurement on CUDA (the paper profile) asks the cluster for a GPU."""
     return {"gpu": 1} if measurement.get("device") == "cuda" else {}
 
 
-def evaluate_stage(study: Study) -> Stage:
-    runs = study.runs
-    return Stage("evaluate", "evaluate --profile {profile}",
-                 [str(study.data_dir), *_str(study.deployed_model(r) for r in runs),
-                  *_str(study.run_dir(r) / "metrics.json" for r in runs)],
-                 [*_str(study.predictions_path(r) for r in runs),
-                  *_str(study.decisions_path(r) for r in runs if study.is_adaptive(r))],
-                 metrics=[*_str(study.eval_path(r) for r in runs), str(study.benchmark_path)],
-                 params=["evaluate"], settings=_json(study.settings["evaluate"]), log="evaluate",
+def evaluate_stages(study: Study) -> list[Stage]:
+    """One job per training job (the teachers: one job for all of them), one thread each: it re-parameterizes the
+    job's affine students and evaluates its runs while the other training jobs run, instead of one evaluation of
+    every run after the last training job."""
+    jobs = {"teachers": study.teacher_runs, **study.train_batches}
+    out = []
+    for job, runs in jobs.items():
+        affine = [r for r in runs if study.needs_reparameterize(r)]
+        out.append(Stage(f"evaluate-{job}", f"evaluate --profile {{profile}} --job {job}",
+                         [str(study.data_dir), *_str(study.model_path(r) for r in runs),
+                          *_str(study.run_dir(r) / "metrics.json" for r in runs)],
+                         [*_str(study.deploy_dir(r) / "model.pt" for r in affine),
+                          *_str(study.predictions_path(r) for r in runs),
+                          *_str(study.decisions_path(r) for r in runs if study.is_adaptive(r))],
+                         metrics=[*_str(study.deploy_dir(r) / "reparam.json" for r in affine),
+                                  *_str(study.eval_path(r) for r in runs)],
+                         params=["evaluate"], settings=_json(study.settings["evaluate"]), threads="one",
+                         log=f"evaluate/{job}"))
+    return out
+
+
+def benchmark_stage(study: Study) -> Stage:
+    """The study's throughput benchmark, alone on the machine: the first seed's deploy models (and the training
+    form of its first affine student) in one interleaved run, then T6 at every size."""
+    first = [r for r in study.runs if study.run_specs[r][2] == study.settings["seeds"][0]]
+    affine = [r for r in first if study.needs_reparameterize(r)][:1]
+    return Stage("benchmark", "benchmark --profile {profile}",
+                 [str(study.data_dir), *_str(study.deployed_model(r) for r in first),
+                  *_str(study.model_path(r) for r in affine)], [], metrics=[str(study.benchmark_path)],
+                 params=["evaluate"], settings=_json(study.settings["evaluate"]), log="benchmark",
                  resources=_gpu(study.settings["evaluate"]["benchmark"]))
 
 

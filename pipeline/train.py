@@ -515,7 +515,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     """AdamW and the warm-up + cosine schedule, stepped per update (timm's factories)."""
     o = cfg.optim
     optimizer = create_optimizer_v2(optimizer_params(model, o), "adamw", lr=o.lr, weight_decay=o.weight_decay,
-                                    betas=o.betas, eps=o.eps)
+                                    betas=o.betas, eps=o.eps, fused=o.fused)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=o.epochs, min_lr=o.min_lr,
                                        warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)

@@ -99,7 +99,11 @@ def test_a_fresh_clone_plans_every_training_job(tmp_path):
     assert len(study.train_batches) < len(study.student_runs)  # the default profile batches its runs
     assert student_jobs(jobs) == {job_rule(study, runs[0]): 1 for runs in study.train_batches.values()}
     assert jobs["train_teacher"] == len(study.teacher_runs)
-    assert jobs["prepare_data"] == jobs["evaluate"] == jobs["report"] == 1
+    # each training job's runs are evaluated by a job of their own (the teachers by one), as soon as they exist
+    assert {k: v for k, v in jobs.items() if k.startswith("evaluate_")} == {
+        "evaluate_teachers": 1, **{"evaluate_" + job_rule(study, runs[0])[len("train_"):]: 1
+                                   for runs in study.train_batches.values()}}
+    assert jobs["prepare_data"] == jobs["benchmark"] == jobs["report"] == 1
 
 
 def test_committed_dvc_yaml_is_up_to_date():
@@ -123,8 +127,8 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     # none lost: one run per training run and per stage job, each FINISHED and nested under the one parent
-    expected = {"train": len(study.runs), "prepare-data": 1, "reparameterize": 1, "evaluate": 1, "export": 1,
-                "latency-breakdown": 1, "report": 1}
+    expected = {"train": len(study.runs), "prepare-data": 1, "evaluate": 1 + len(study.train_batches), "benchmark": 1,
+                "export": 1, "latency-breakdown": 1, "report": 1}
     stages = [r.data.tags.get("stage") for r in runs if r.info.run_id != parent]
     assert {s: stages.count(s) for s in expected} == expected and len(stages) == sum(expected.values()), stages
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent
@@ -148,7 +152,7 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     digests = {i.dataset.digest for r in prepared + list(finished.values()) for i in r.inputs.dataset_inputs}
     assert len(digests) == 1 and all(r.inputs.dataset_inputs for r in prepared + list(finished.values()))
     stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
-    assert {"prepare-data", "train", "reparameterize", "evaluate", "export", "latency-breakdown", "report"} <= stages
+    assert {"prepare-data", "train", "evaluate", "benchmark", "export", "latency-breakdown", "report"} <= stages
     # every student's deploy model as ONNX, agreeing with torch in ONNX Runtime; the best one registered with an
     # alias, and it loads from MLflow by that alias and computes the logits the deploy checkpoint does
     export = json.loads((ws / study.export_summary_path(0)).read_text())
@@ -178,9 +182,8 @@ def test_smoke_dag_through_snakemake_then_dvc(tmp_path, mlflow_server):
     set_params(ws, "params/study.yaml", lambda d: d["variants"]["identity-label-hard"]["kd"].update(tau=2.0))
     out = sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=smoke")
     jobs = planned_jobs(out)
-    expected = {job_rule(study, "identity-label-hard"): 1, "evaluate": 1, "export_seed0": 1, "report": 1, "all": 1}
-    if any(study.needs_reparameterize(r) for r in study.train_batches[job_of(study, "identity-label-hard")]):
-        expected["reparameterize"] = 1  # the job rewrites an affine run's model (the same weights, resumed)
+    job = job_rule(study, "identity-label-hard")
+    expected = {job: 1, "evaluate_" + job[len("train_"):]: 1, "benchmark": 1, "export_seed0": 1, "report": 1, "all": 1}
     assert jobs == expected, out[-3000:]
     subprocess.run(["git", "checkout", "params/study.yaml"], cwd=ws, check=True)
     # a changed teacher reruns it and exactly its students (and the ones that read them)

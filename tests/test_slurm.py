@@ -20,6 +20,7 @@ TEACHER, STUDENT = "gfnet", "affine-label-nokd"  # the student reads no teacher:
 # Training is deterministic on CPU for a given thread count: both drivers give the whole-machine rules (threads:
 # 1024) the same number of threads, which the localhost node has.
 THREADS = min(2, len(os.sched_getaffinity(0)))  # at most the node's CPUs (nproc)
+TARGETS = ["evaluate_teachers", "evaluate_students_seed0_level0_1", "benchmark"]  # and the jobs they read
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,9 @@ def slurm():
 
 
 def small_study(ws: Path) -> None:
-    """The smoke profile on one teacher and one affine student: prepare_data, train_teacher, one student job,
-    reparameterize and evaluate (its benchmark compares the architectures of table T6, trimmed to these two)."""
+    """The smoke profile on one teacher and one affine student: prepare_data, train_teacher, one student job, the
+    two evaluate jobs (the teacher's; the student's, re-parameterized) and the benchmark (of the architectures of
+    table T6, trimmed to these two)."""
     def trim(d):
         t6 = d["tables"]["T6"]
         d["teachers"] = {TEACHER: d["teachers"][TEACHER]}
@@ -71,13 +73,13 @@ def test_small_study_through_slurm_equals_a_local_run(slurm, tmp_path, monkeypat
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{local}/mlflow.db"}
     with open(tmp_path / "local.log", "w") as log:
-        local_run = subprocess.Popen(["snakemake", "evaluate", "--cores", str(THREADS), "--config", "profile=smoke"],
+        local_run = subprocess.Popen(["snakemake", *TARGETS, "--cores", str(THREADS), "--config", "profile=smoke"],
                                      cwd=local, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         # NODE_CPUS: the profile's max-threads. Status checks (sacct) 2 s after the start and after each finished
         # job, not 10 s and 20 s (the plugin adds 10 s to the wait after each check that finds none finished).
         monkeypatch.setenv("NODE_CPUS", str(THREADS))
-        out = sh(ws, "snakemake", "evaluate", "--workflow-profile", "workflow/profiles/slurm", "--retries", "0",
+        out = sh(ws, "snakemake", *TARGETS, "--workflow-profile", "workflow/profiles/slurm", "--retries", "0",
                  "--seconds-between-status-checks", "2", "--slurm-init-seconds-before-status-checks", "2",
                  "--config", "profile=smoke")
     finally:
@@ -95,10 +97,10 @@ def test_small_study_through_slurm_equals_a_local_run(slurm, tmp_path, monkeypat
     jobs = {re.match(r"rule_(.+?)(?:_wildcards_.*)?$", j["Comment"]).group(1): j for j in ours}
     # every job of the DAG ran as one Slurm job (once) of this Snakemake run (the job name), and completed
     assert len(ours) == len(jobs) and sorted(jobs) == sorted(
-        ["prepare_data", "train_teacher", "train_students_seed0_level0_1", "reparameterize", "evaluate"]), acct
+        ["prepare_data", "train_teacher", "train_students_seed0_level0_1", *TARGETS]), acct
     assert {(j["JobName"], j["State"]) for j in jobs.values()} == {(run_id, "COMPLETED")}, acct
     assert jobs["train_teacher"]["Comment"] == f"rule_train_teacher_wildcards_{TEACHER}"
     # threads: 1024 asked for the node's CPUs (max-threads), a training job's 1 thread for one CPU
-    assert jobs["evaluate"]["ReqCPUS"] == jobs["reparameterize"]["ReqCPUS"] == str(THREADS), acct
-    assert jobs["train_teacher"]["ReqCPUS"] == "1", acct
+    assert jobs["benchmark"]["ReqCPUS"] == str(THREADS), acct
+    assert jobs["train_teacher"]["ReqCPUS"] == jobs["evaluate_students_seed0_level0_1"]["ReqCPUS"] == "1", acct
     assert results(ws) == results(local)
