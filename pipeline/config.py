@@ -111,6 +111,8 @@ class TrainConfig:
     amp: bool = True                     # on CUDA only: bf16 autocast
     channels_last: bool = True           # NHWC memory format for the models and their batches, on any device
     eval_every: int = 1
+    eval_last: int = 2                   # ...and at each of the last N epochs: the report's last-epoch change in
+                                         # test top-1 (is the run still improving?) needs the last two
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     kd: KDCfg = field(default_factory=KDCfg)
@@ -212,6 +214,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
         (cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}"),
         (cfg.eval_every >= 1, f"eval_every must be >= 1 (evaluate every N epochs), got {cfg.eval_every}"),
+        (cfg.eval_last >= 1, f"eval_last must be >= 1 (evaluate at each of the last N epochs), got {cfg.eval_last}"),
         (d.img_size >= 1, f"data.img_size must be >= 1, got {d.img_size}"),
         (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
         (d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}"),

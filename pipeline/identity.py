@@ -2,7 +2,7 @@
 
 A run's identity covers every input that changes its weights:
 - `config`: the resolved training config, without the paths of its inputs (their contents follow) and
-  without the keys that change only speed or bookkeeping (threads, eval_every, tables);
+  without the keys that change only speed or bookkeeping (threads, eval_every, eval_last, tables);
 - `data`: the prepared dataset's content hash (meta.json `data_hash`);
 - `inputs`: the sha256 of each checkpoint the run reads (kd.teacher, mi.teacher, partial_init, init);
 - `code`: the sha256 of the training stage's source: pipeline/train.py and every module of the package it
@@ -33,7 +33,7 @@ TRAIN_MODULE = "pipeline.train"
 # Config keys that are input files: the identity holds their contents' hash, not their path.
 INPUT_KEYS = (("kd", "teacher"), ("mi", "teacher"), (None, "partial_init"), (None, "init"))
 # Config keys that change neither the weights nor the evaluation.
-SPEED_KEYS = ("threads", "eval_every", "tables")
+SPEED_KEYS = ("threads", "eval_every", "eval_last", "tables")
 
 _file_hashes: dict[tuple[str, int, int], str] = {}
 

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import figures, tracking
+from pipeline import figures, regime, tracking
 from pipeline.io import atomic_path, load_predictions, read_json, write_json
 from pipeline.measure import ORT
 from pipeline.models.adavit import fast_path_label
 from pipeline.repo import git_state
-from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table
+from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table, seeds_for_power
 from pipeline.study import PAPER_RESULTS, Study, as_list, load_study
 
 THROUGHPUT = "throughput"
@@ -432,7 +432,12 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
                "stale": sorted(results.stale)}
     write_json(out / "summary.json", summary)
     md_tables += [adaptive_markdown(adaptive), loss_terms_markdown(study, results)]
-    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s))
+    histories = {r: h for r in results.evals if (h := _maybe_json(study.run_dir(r) / "history.json"))}
+    regimes = regime.run_regimes(study, histories)
+    regime_md = regime.regime_markdown(study, regimes, regime.guideline_regimes(study, regimes, results.seed_runs))
+    _write_text(out / "tables" / "regime.csv", regime.regime_csv(regimes))
+    _write_text(out / "tables" / "regime.md", regime_md)
+    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s, regime_md))
     return {**summary, "tables": tables}
 
 
@@ -565,7 +570,7 @@ def _onnx_section(bench: dict) -> list[str]:
 
 
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],
-           figs: list[str], wall_time_s: float | None) -> str:
+           figs: list[str], wall_time_s: float | None, regime_md: str = "") -> str:
     meta = _maybe_json(study.data_dir / "meta.json") or {}
     train_time = sum((_maybe_json(study.run_dir(r) / "metrics.json") or {}).get("train_wall_time_s", 0)
                      for r in results.evals)
@@ -601,7 +606,9 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
            if len(seeds) == 1 else
            f"With {len(seeds)} seeds the t quantile has few degrees of freedom, so the intervals are wide. ")
         + f"MDE is the minimal detectable effect: the true Δ these seeds and test images find with "
-        f"{results.power:.0%} power. Throughput intervals are over the {rounds} interleaved rounds of the "
+        f"{results.power:.0%} power; beside it, the seeds that would detect the paper's Δ with that power at the "
+        "variance measured here (the test images held fixed; ∞: no number of seeds, the test images' share alone is "
+        f"too large). Throughput intervals are over the {rounds} interleaved rounds of the "
         "benchmark (order statistics of the median). The method: `pipeline/stats.py` and the README.", "",
         "## The five guidelines (verdicts computed from the intervals)", "",
         "supported: every voting Δ's interval lies on the paper's side of the threshold; contradicted: one lies "
@@ -610,18 +617,27 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
     for v in verdicts:
         lines += [f"**{v['guideline']}. {v['text']}** — **{v['verdict']}**", "",
                   f"Rule: {v['rule']} (Δ {'>' if v['direction'] == 'above' else '<'} {v['threshold']:g} points).", "",
-                  "| Δ | ours [95% CI] | MDE | seeds × images | paper | votes |", "|---|---|---|---|---|---|"]
+                  f"| Δ | ours [95% CI] | MDE | seeds × images | seeds for the paper's Δ ({results.power:.0%} power) "
+                  "| paper | votes |", "|---|---|---|---|---|---|---|"]
         for d, votes in [(d, "yes") for d in v["votes"]] + [(d, "no (shown)") for d in v["shown"]]:
             iv = d["ours"]
             lines.append(f"| {d['delta']} | {fmt_delta(iv, 'top1')} | "
                          + (f"{iv.mde:.2f} | {iv.seeds} × {iv.n:,}" if iv else f"{MISSING} | {MISSING}")
-                         + f" | {fmt_delta(d['paper'], 'top1')} | {votes} |")
+                         + f" | {_seeds_needed(iv, d['paper'], results)} | {fmt_delta(d['paper'], 'top1')} | {votes} |")
         lines.append("")
-    lines += ["## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1]
+    lines += [regime_md, "## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1]
     lines += _onnx_section(bench) + ["## Figures", ""]
     for f in figs:
         lines += [f"![{f}](figures/{f}.png)", ""]
     return "\n".join(lines)
+
+
+def _seeds_needed(iv: Interval | None, paper: float | None, results: Results) -> str:
+    """The seeds that would detect the paper's Δ with the report's power (pipeline.stats.seeds_for_power)."""
+    if iv is None or paper is None or iv.components is None:
+        return MISSING
+    n = seeds_for_power(iv, paper, results.level, results.power)
+    return "∞" if n is None else f"{n:,}"
 
 
 def run(args: argparse.Namespace) -> dict:

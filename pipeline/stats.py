@@ -20,7 +20,10 @@ ten distinct resamples; the moment estimator is unbiased and takes one pass. Int
 the trained teachers (each teacher is trained once).
 
 The minimal detectable effect (MDE) at level α and power 1 − β is (t_{1−α/2} + t_{1−β}) · SE: the true
-difference that the current seeds and test size find with probability 1 − β.
+difference that the current seeds and test size find with probability 1 − β. The seeds that would find a given
+effect d with that power (`seeds_for_power`) are the smallest S whose MDE is ≤ |d| when the variance components
+measured here are held fixed: Var(S) = σ²_a / S + σ²_b / N + σ²_e / (S N), with the Satterthwaite df of S seeds.
+When σ²_b / N alone already puts the MDE above |d|, no number of seeds does (more test images would).
 
 **Throughput.** The benchmark times every model once per interleaved round; a cell is the median over the
 rounds and a Δ the median of the per-round ratios. Its interval is the distribution-free one for a median,
@@ -48,6 +51,7 @@ class Interval:
     n: int = 0
     coverage: float = 0.95
     method: str = ""
+    components: tuple[float, float, float] | None = None  # (σ²_a seed, σ²_b image, σ²_e residual): several seeds
 
     def side(self, threshold: float) -> int:
         """+1: the whole interval is above `threshold`; -1: below; 0: it contains it."""
@@ -97,7 +101,43 @@ def mean_interval(x, level: float = 0.95, power: float = 0.8) -> Interval:
     mde = (t + stats.t.ppf(power, df)) * se
     method = (f"{s} seeds x {n} test images, paired" if s > 1 else
               f"one seed: {n} test images only (the seed-to-seed part is not in this interval)")
-    return Interval(mean, mean - t * se, mean + t * se, se, float(df), float(mde), s, n, level, method)
+    parts = _components(x) if s > 1 else None
+    return Interval(mean, mean - t * se, mean + t * se, se, float(df), float(mde), s, n, level, method, parts)
+
+
+def _components(x: np.ndarray) -> tuple[float, float, float]:
+    c = variance_of_mean(x)[2]
+    return float(c["seed"]), float(c["image"]), float(c["residual"])
+
+
+def seeds_for_power(iv: Interval, effect: float, level: float = 0.95, power: float = 0.8) -> int | None:
+    """The fewest seeds whose MDE (at `level`, `power`) is <= |effect|, with the variance components of `iv` and its
+    test images held fixed (module doc). None: no number of seeds suffices (the test images' share alone is too
+    large, or the effect is 0), or `iv` has no seed component (one seed)."""
+    if iv.components is None or effect == 0:
+        return None
+    seed, image, resid = iv.components
+    n = iv.n
+
+    def mde(s: int) -> float:
+        coef = [float(seed > 0), float(image > 0)]
+        coef.append(1 - coef[0] - coef[1])
+        ms = [(n * seed + resid, s - 1), (s * image + resid, n - 1), (resid, (s - 1) * (n - 1))]
+        total = sum(c * m for c, (m, _) in zip(coef, ms, strict=True))
+        denom = sum((c * m) ** 2 / d for c, (m, d) in zip(coef, ms, strict=True) if c)
+        df = total ** 2 / denom if denom > 0 else float("inf")
+        return (stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * np.sqrt(max(total, 0.0) / (s * n))
+
+    if mde(10 ** 9) > abs(effect):  # the limit of many seeds: the test images' share
+        return None
+    hi = 2
+    while mde(hi) > abs(effect):  # the MDE falls with S: double, then bisect
+        hi *= 2
+    lo = max(2, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mde(mid) > abs(effect) else (lo, mid)
+    return lo
 
 
 def paired_table(plus: list[dict[int, np.ndarray]], minus: list[dict[int, np.ndarray]] = ()) -> np.ndarray:

@@ -570,7 +570,8 @@ def open_run(s: Session, experiment: str, run_id: str | None, profile: str | Non
 
 
 def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
-    """One epoch's steps, then (rank 0, every `eval_every` epochs and at the end) the test set: its history row."""
+    """One epoch's steps, then (rank 0, every `eval_every` epochs and at each of the last `eval_last`) the test set:
+    its history row."""
     cfg, main = s.cfg, ranks().main
     seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * ranks().rank)  # resume-exact: RNGs restart each epoch
     t0 = time.perf_counter()
@@ -578,7 +579,7 @@ def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
                           s.autocast, progress and main)
     if not main:
         return row
-    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 > cfg.optim.epochs - cfg.eval_last:
         acc = evaluate(s.model, s.test_loader, s.device, s.autocast, memory_format(cfg))
         row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
     row["epoch_time_s"] = time.perf_counter() - t0

@@ -46,8 +46,9 @@ def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
                        "fast_path": {"top1": 50.0, "argmax_agreement": 1.0, "max_abs_logit_diff": 1e-7}})
         write_json(study.run_dir(run) / "metrics.json", {"train_wall_time_s": 10.0})
         write_json(study.run_dir(run) / "history.json",
-                   [{"epoch": e, "train/top1": 70 + e, "train/kd_soft": 1.0 / e, "train/mi_in": 0.1 / e}
-                    for e in (1, 2)] + [{"epoch": 3, "train/top1": 73, "test/top1": 75.0, "train/kd_soft": 0.3}])
+                   [{"epoch": e, "train/top1": 70 + e, "train/kd_soft": 1.0 / e, "train/mi_in": 0.1 / e,
+                     "train/loss": 2.0 / e} for e in (1, 2)]
+                   + [{"epoch": 3, "train/top1": 73, "test/top1": 75.0, "train/kd_soft": 0.3, "train/loss": 0.9}])
     archs = {r: ("pool" if "pooling" in r else "ada" if study.is_adaptive(r) else "rif") for r in study.runs}
 
     def rounds(median):
@@ -237,3 +238,24 @@ def test_loss_terms_table_shows_which_term_dominates(study):
     row = next(line for line in section.splitlines() if line.startswith("| pooling-ce |"))
     assert "| 1 (91%) |" in row and "| 0.1 (9%) |" in row  # soft KD 1.0, L'_in 0.1 in the fake history
     assert "soft KD" in section and "L'_in" in section
+
+
+def test_training_regime_flags_runs_still_improving(study):
+    """The last epoch's change per run (tables/regime.csv) and per guideline the deciding runs still improving."""
+    fake_results(study, paper_like())
+    plateau = [{"epoch": 1, "train/loss": 1.0, "test/top1": 80.0}, {"epoch": 2, "train/loss": 0.999, "test/top1": 80.5}]
+    write_json(study.run_dir("pooling-ce") / "history.json", plateau)
+    write_report(study, study.report_dir)
+    rows = {r["run"]: r for r in csv.DictReader(open(study.report_dir / "tables" / "regime.csv"))}
+    assert rows["pooling-ce"]["still_improving"] == "False"
+    assert float(rows["pooling-ce"]["last_epoch_top1_change"]) == 0.5
+    assert rows["identity-ce"]["still_improving"] == "True"  # loss 1.0 -> 0.9: -10% in its last epoch
+    assert float(rows["identity-ce"]["last_epoch_loss_change_rel"]) == pytest.approx(-0.1)
+    assert rows["identity-ce"]["last_epoch_top1_change"] == ""  # one test pass: not measured
+    readme = (study.report_dir / "README.md").read_text()
+    section = readme.split("## Training regime")[1].split("## Tables")[0]
+    evaluated = len(rows)
+    assert f"**{evaluated - 1} of {evaluated} runs are still improving**" in section
+    assert "| pooling-ce | 2 | 0.999 | -0.1% | +0.50 | 0 of 1 |" in section
+    assert "PL copies a trained PoolFormer" in section
+    assert "seeds for the paper's Δ" in readme

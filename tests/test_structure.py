@@ -125,8 +125,8 @@ def test_changing_any_module_a_stage_imports_changes_its_code_digest(stage, tmp_
 def test_what_the_stages_call_is_part_of_their_code():
     """The modules whose functions each stage runs (the ones a hand-kept list once missed)."""
     evaluate = set(stage_code("pipeline.evaluate"))
-    assert {"pipeline/measure.py", "pipeline/data.py", "pipeline/io.py", "pipeline/study.py", "pipeline/reparameterize.py",
-            "pipeline/adaptive.py", "pipeline/models/adavit.py"} <= evaluate
+    assert {"pipeline/measure.py", "pipeline/data.py", "pipeline/io.py", "pipeline/study.py",
+            "pipeline/reparameterize.py", "pipeline/adaptive.py", "pipeline/models/adavit.py"} <= evaluate
     assert "pipeline/benchmark.py" not in evaluate  # a stage of its own: changing it does not evaluate again
     assert {"pipeline/adaptive.py", "pipeline/models/adavit.py", "pipeline/measure.py"} <= set(
         stage_code("pipeline.benchmark"))
