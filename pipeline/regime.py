@@ -2,7 +2,8 @@
 runs that were still improving when their budget ended.
 
 A run's last-epoch change is read from its history (history.json): the relative change of the mean train loss
-between the last two epochs, and the change of test top-1 between them (the training job measures the test set at
+between the last two epochs, without the module-imitation terms (their windows close within the run, and a term
+that stops is not progress), and the change of test top-1 between them (the training job measures the test set at
 each of its last `eval_last` epochs: the first `data.test_limit` test images, paired between the two epochs). A
 run is *still improving* when its last epoch lowered the train loss by at least `report.improving.loss_rel` or
 raised test top-1 by at least `report.improving.top1` points: a comparison of such runs is a comparison at one
@@ -35,16 +36,26 @@ def last_epoch_change(history: list[dict]) -> dict:
     None where the history has fewer than two epochs (or two test passes)."""
     out = {"epochs": len(history), "loss_rel": None, "top1": None, "loss": None, "test_top1": None}
     if history:
-        out["loss"] = history[-1].get("train/loss")
+        out["loss"] = _loss(history[-1])
         out["test_top1"] = history[-1].get("test/top1")
     if len(history) >= 2:
-        a, b = history[-2].get("train/loss"), history[-1].get("train/loss")
+        a, b = _loss(history[-2]), _loss(history[-1])
         if a and b is not None:
             out["loss_rel"] = (b - a) / a
         a, b = history[-2].get("test/top1"), history[-1].get("test/top1")
         if a is not None and b is not None:
             out["top1"] = b - a
     return out
+
+
+MI_TERMS = ("train/mi_in", "train/mi_out", "train/mi_rel")
+
+
+def _loss(row: dict) -> float | None:
+    """The epoch's mean train loss less its module-imitation terms."""
+    if row.get("train/loss") is None:
+        return None
+    return row["train/loss"] - sum(row.get(k, 0.0) for k in MI_TERMS)
 
 
 def still_improving(change: dict, opts: dict) -> bool | None:
@@ -104,7 +115,8 @@ def regime_markdown(study: Study, regimes: dict[str, dict], guidelines: list[dic
     test_limit = study.settings["train"]["data"].get("test_limit")
     images = f"the first {test_limit:,} test images" if test_limit else "the test set"
     lines = ["## Training regime: how trained these models are", "",
-             f"Per variant, the last epoch's change in mean train loss (relative) and in test top-1 (points, on "
+             f"Per variant, the last epoch's change in mean train loss (relative; without the module-imitation terms, "
+             f"whose windows close within the run) and in test top-1 (points, on "
              f"{images}, the training job's own pass), as the median over its seeds; a run is *still improving* when "
              f"its last epoch lowered the train loss by ≥ {100 * opts['loss_rel']:g}% or raised that top-1 by ≥ "
              f"{opts['top1']:g} points (`report.improving`). Every run: `tables/regime.csv`.", "",

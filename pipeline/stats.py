@@ -62,7 +62,8 @@ class Interval:
 
     def scaled(self, k: float) -> Interval:
         return replace(self, mean=self.mean * k, low=self.low * k, high=self.high * k,
-                       se=None if self.se is None else self.se * k, mde=None if self.mde is None else self.mde * k)
+                       se=None if self.se is None else self.se * k, mde=None if self.mde is None else self.mde * k,
+                       components=None if self.components is None else tuple(c * k * k for c in self.components))
 
 
 def variance_of_mean(x: np.ndarray) -> tuple[float, float, dict]:

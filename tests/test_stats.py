@@ -98,5 +98,6 @@ def test_seeds_for_power_detect_the_effect_with_that_power():
     measured = mean_interval(rng.normal(0, sd_image, (1, images)) + rng.normal(0, sd_resid, (3, images))
                              + rng.normal(0, sd_seed, (3, 1)))
     assert seeds_for_power(measured, measured.mde) == 3
+    assert seeds_for_power(measured.scaled(100), 100 * measured.mde) == 3  # in points as the report shows it
     assert seeds_for_power(measured, 0.001) is None  # below what the test images alone resolve
     assert seeds_for_power(mean_interval(rng.normal(0, 1, 50)), 1.0) is None  # one seed: no seed component
