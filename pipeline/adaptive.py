@@ -1,6 +1,6 @@
-"""AdaViT in the evaluate stage: fast-path agreement, expected MACs over the test set, decision examples for
-the report's figure, and the wall-clock speed-up of the fast path over the dense DeiT at batch 1 and on
-batches grouped by kept-token count (pipeline/models/adavit.py)."""
+"""AdaViT's measurements: in the evaluate stage, fast-path agreement, expected MACs over the test set and decision
+examples for the report's figure; in the benchmark stage, the wall-clock speed-up of the fast path over the dense
+DeiT at batch 1 and on batches grouped by kept-token count (pipeline/models/adavit.py)."""
 from __future__ import annotations
 
 import torch
