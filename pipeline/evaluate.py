@@ -3,7 +3,7 @@ of both drivers is one job per training job (`--job J`), which re-parameterizes 
 evaluates its runs as soon as the job has trained them, beside the training jobs still running (one thread each).
 The study's throughput benchmark is a stage of its own (`python -m pipeline benchmark --profile P`).
 AdaViT runs also get their fast path checked against the masked path, expected MACs averaged over the test
-set (their `macs`), usage ratios, decision examples for the report, and their speed-up over the dense DeiT.
+set (their `macs`), usage ratios and decision examples for the report (their speed-up: the benchmark stage).
 
 The deploy model is the re-parameterized checkpoint for affine students and the trained one otherwise.
 Each run's per-image predictions on the test set are saved beside its JSON (eval/<run>.predictions.npz):
