@@ -30,6 +30,7 @@ class DataCfg:
     mixup: float = 0.0
     cutmix: float = 0.0
     workers: int = 0
+    decoded_cache_mb: int = 1024         # image folders: hold a split's decoded pixels in memory up to this size
     train_limit: int | None = None       # use only the first N training images (one-batch checks)
     test_limit: int | None = None
 
@@ -219,6 +220,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
         (d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (d.decoded_cache_mb >= 0, f"data.decoded_cache_mb must be >= 0 (0: no cache), got {d.decoded_cache_mb}"),
         (0 <= d.re_prob <= 1, f"data.re_prob must be a probability in [0, 1], got {d.re_prob}"),
         (d.re_mode in ("const", "rand", "pixel"), f"data.re_mode must be const, rand or pixel, got {d.re_mode!r}"),
         (d.interpolation in (None, "bilinear", "bicubic", "nearest", "random"),

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -143,14 +144,20 @@ def model_transform(model: torch.nn.Module, interpolation: str | None = None, cr
     return {k: cfg[k] for k in ("interpolation", "crop_pct", "crop_mode")}
 
 
+# Decoded image-folder splits of this process, by (data hash, split, limit); None: too big for the cache.
+_DECODED: dict[tuple, list | None] = {}
+DECODED_CACHE_MB = 1024
+
+
 def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int, train: bool, seed: int = 0,
                  augment: bool = True, workers: int = 0, limit: int | None = None, transform_cfg: dict | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), decoded_cache_mb: int = DECODED_CACHE_MB):
     """An iterable of (images, labels) batches over a prepared split, with `set_epoch(epoch)`.
 
     `shard=(rank, world)`: under torchrun, each of `world` processes gets its own slice of every batch of the one
     seeded stream (`batch_size` is the global batch, a multiple of `world`), so the global batch and the order of
-    the images are the ones a single process sees."""
+    the images are the ones a single process sees. `decoded_cache_mb`: an image-folder split whose decoded pixels
+    fit in this many MiB is decoded once per process and held in memory (0: decode every image every epoch)."""
     rank, world = shard
     if batch_size % world:
         raise DataError(f"batch_size {batch_size} is not a multiple of the {world} training processes")
@@ -161,56 +168,84 @@ def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int,
             images, labels = images[:limit], labels[:limit]
         return TensorBatches(images, labels, batch_size, img_size, meta["mean"], meta["std"], train, seed,
                              augment, drop_last=train, shard=shard)
-    return _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, workers, limit,
-                               transform_cfg or {}, shard)
-
-
-def _imagefolder_loader(prepared, split, batch_size, img_size, train, seed, workers, limit, transform_cfg, shard):
     index = read_json(prepared.path / "index.json")[split]
     if limit is not None:
         index = index[:limit]
-    root = Path(prepared.meta["root"])
+    transform_cfg = transform_cfg or {}
     transform = create_transform(img_size, is_training=train and transform_cfg.get("augment", True),
-                                 mean=prepared.meta["mean"], std=prepared.meta["std"],
+                                 mean=meta["mean"], std=meta["std"],
                                  **{k: v for k, v in transform_cfg.items() if k != "augment"})
+    root = Path(meta["root"])
+    decoded = _decoded(root, index, (meta["data_hash"], split, limit), decoded_cache_mb)
+    return FolderBatches(FolderImages(root, index, transform, decoded), batch_size, train, seed, workers, shard)
 
-    class Images(Dataset):
-        def __len__(self):
-            return len(index)
 
-        def __getitem__(self, i):
-            rel, label = index[i]
+def _decoded(root: Path, index: list, key: tuple, limit_mb: int) -> list | None:
+    """The split's images decoded to RGB uint8 arrays, once per process, when they fit in `limit_mb` MiB."""
+    if limit_mb <= 0:
+        return None
+    if key not in _DECODED:
+        arrays, total, limit = [], 0, limit_mb * 2**20
+        for i, (rel, _) in enumerate(index):
             with Image.open(root / rel) as im:
-                return transform(im.convert("RGB")), label
-
-    class EpochLoader:
-        def __init__(self):
-            self.epoch = 0
-
-        def set_epoch(self, epoch):
-            self.epoch = epoch
-
-        def __len__(self):
-            return len(index) // batch_size if train else -(-len(index) // batch_size)
-
-        def __iter__(self):
-            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
-            pin = torch.cuda.is_available()
-            rank, world = shard
-            if world == 1:
-                return iter(DataLoader(Images(), batch_size=batch_size, shuffle=train, generator=g,
-                                       num_workers=workers, drop_last=train, pin_memory=pin, persistent_workers=False))
-            # one rank's slice of each global batch of the seeded order (the random crops are drawn per worker)
-            order = torch.randperm(len(index), generator=g).tolist() if train else list(range(len(index)))
-            part = batch_size // world
-            batches = [order[i + rank * part:i + (rank + 1) * part]
-                       for i in range(0, len(self) * batch_size, batch_size)]
-            return iter(DataLoader(Images(), batch_sampler=batches, num_workers=workers, pin_memory=pin,
-                                   generator=torch.Generator().manual_seed(seed * 100_003 + self.epoch + rank)))
-
-    return EpochLoader()
+                arrays.append(np.asarray(im.convert("RGB")))
+            total += arrays[-1].nbytes
+            # over the limit, or bound to be by the first 64 images' mean size (ImageNet gives up there)
+            if total > limit or (i == 63 and total / 64 * len(index) > limit):
+                arrays = None
+                break
+        _DECODED[key] = arrays
+    return _DECODED[key]
 
 
+class FolderImages(Dataset):
+    """(transformed image, label) of an image-folder split; read from `decoded` arrays when given, else from the
+    files. A module-level class, so that data workers started with spawn or forkserver can unpickle it."""
+
+    def __init__(self, root: Path, index: list, transform, decoded: list | None = None):
+        self.root, self.index, self.transform, self.decoded = root, index, transform, decoded
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        rel, label = self.index[i]
+        if self.decoded is not None:
+            return self.transform(Image.fromarray(self.decoded[i])), label
+        with Image.open(self.root / rel) as im:
+            return self.transform(im.convert("RGB")), label
+
+
+class FolderBatches:
+    """Batches of a FolderImages dataset through a DataLoader, shuffled by a generator seeded from (seed, epoch)."""
+
+    def __init__(self, images: FolderImages, batch_size: int, train: bool, seed: int, workers: int,
+                 shard: tuple[int, int]):
+        self.images, self.batch_size, self.train, self.seed, self.workers = images, batch_size, train, seed, workers
+        self.rank, self.world = shard
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        pin = torch.cuda.is_available()
+        if self.world == 1:
+            return iter(DataLoader(self.images, batch_size=self.batch_size, shuffle=self.train, generator=g,
+                                   num_workers=self.workers, drop_last=self.train, pin_memory=pin))
+        # one rank's slice of each global batch of the seeded order (the random crops are drawn per worker)
+        n = len(self.images)
+        order = torch.randperm(n, generator=g).tolist() if self.train else list(range(n))
+        part = self.batch_size // self.world
+        batches = [order[i + self.rank * part:i + (self.rank + 1) * part]
+                   for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        return iter(DataLoader(self.images, batch_sampler=batches, num_workers=self.workers, pin_memory=pin,
+                               generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + self.rank)))
 
 
 def test_images(prepared: Prepared, n: int, img_size: int, transform_cfg: dict | None = None):

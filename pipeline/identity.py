@@ -117,6 +117,7 @@ def run_identity(cfg, data_hash: str) -> dict:
     for key in SPEED_KEYS:
         config.pop(key, None)
     config["data"].pop("path")
+    config["data"].pop("decoded_cache_mb")  # speed only: the same pixels, decoded once or every epoch
     inputs = {}
     for section, key in INPUT_KEYS:
         node = config[section] if section else config

@@ -502,9 +502,9 @@ def build_loaders(cfg: TrainConfig, prepared: Prepared, model: nn.Module):
                                 transform_cfg={"augment": d.augment, "auto_augment": d.auto_augment,
                                                "re_prob": d.re_prob, "re_mode": d.re_mode,
                                                "interpolation": eval_transform["interpolation"]},
-                                shard=(rk.rank, rk.world))
+                                shard=(rk.rank, rk.world), decoded_cache_mb=d.decoded_cache_mb)
     test_loader = build_loader(prepared, "test", d.eval_batch_size, d.img_size, train=False, workers=d.workers,
-                               limit=d.test_limit, transform_cfg=eval_transform)
+                               limit=d.test_limit, transform_cfg=eval_transform, decoded_cache_mb=d.decoded_cache_mb)
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.name}: no full training batch: batch_size {d.batch_size} is larger than the "
                          f"training set")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import data
 from pipeline.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, build_loader, load_prepared
 from pipeline.prepare import prepare
 
@@ -173,3 +174,49 @@ def test_debian_files_are_what_the_checksums_describe():
     # the embedded default data is installed by `make setup`
     for name in FASHION_MNIST_FILES:
         assert (DEBIAN_FASHION_MNIST / f"{name}.gz").is_file()
+
+
+
+def test_imagefolder_decoded_cache_gives_the_same_batches(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=4)
+    prepare("imagefolder", tmp_path / "out", root=str(root))
+    prepared = load_prepared(tmp_path / "out")
+
+    def batches(cache_mb, train):
+        torch.manual_seed(0)  # timm's random transforms draw from the global generator
+        loader = build_loader(prepared, "train", 4, 32, train=train, seed=3, decoded_cache_mb=cache_mb)
+        loader.set_epoch(1)
+        return list(loader)
+
+    try:
+        for train in (False, True):
+            plain, cached = batches(0, train), batches(64, train)
+            assert len(plain) == len(cached) == 2
+            for (x0, y0), (x1, y1) in zip(plain, cached, strict=True):
+                assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert len(data._DECODED[(prepared.data_hash, "train", None)]) == 8
+    finally:
+        data._DECODED.clear()
+
+
+def test_imagefolder_decoded_cache_gives_up_on_a_split_too_big(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=1)
+    Image.new("RGB", (800, 800)).save(root / "train" / "cat" / "big.png")  # 1.9 MiB decoded
+    prepare("imagefolder", tmp_path / "out", root=str(root))
+    prepared = load_prepared(tmp_path / "out")
+    try:
+        loader = build_loader(prepared, "train", 1, 32, train=False, decoded_cache_mb=1)
+        assert loader.images.decoded is None and len(list(loader)) == 3  # read from the files
+    finally:
+        data._DECODED.clear()
+
+
+def test_imagefolder_loader_with_workers_under_forkserver(tmp_path):
+    """The dataset crosses to worker processes started by forkserver (Linux's default from Python 3.14)."""
+    root = make_imagefolder(tmp_path / "imgs", per_class=2)
+    prepare("imagefolder", tmp_path / "out", root=str(root))
+    loader = build_loader(load_prepared(tmp_path / "out"), "test", 2, 32, train=False, decoded_cache_mb=0)
+    workers = torch.utils.data.DataLoader(loader.images, batch_size=2, num_workers=1,
+                                          multiprocessing_context="forkserver")
+    x, y = next(iter(workers))
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [0, 0]
