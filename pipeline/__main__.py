@@ -21,7 +21,7 @@ STAGES = {
     "sensitivity": ("pipeline.sensitivity", "T1 (identity - pooling) with its interval at several training budgets"),
     "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),
     "publish": ("pipeline.publish", "copy the fresh report to reports/<profile>/, the committed reference"),
-    "compare": ("pipeline.publish", "is the fresh report the committed reference's, within its intervals?"),
+    "compare": ("pipeline.compare", "does the fresh report reproduce the committed (or another) report?"),
     "session": ("pipeline.tracking", "start or end the MLflow parent run of one pipeline invocation"),
     "dvc-yaml": ("pipeline.dvcgen", "write dvc.yaml from the study definition (or --check it)"),
 }

@@ -13,8 +13,11 @@ reported as median, min and max over rounds, and each ratio to the reference mod
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -78,6 +81,37 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# The CPU features that decide which kernels torch, oneDNN and ONNX Runtime run.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+# What makes two throughput measurements comparable: the same of each (pipeline.compare).
+MACHINE_KEYS = ("cpu", "isa", "cpu_capability", "threads", "gpu", "torch", "onednn", "onnxruntime")
+
+
+def machine_record(device: torch.device) -> dict:
+    """The machine a throughput was measured on: CPU model and its kernel-relevant flags, torch's dispatch level,
+    threads, GPU, and the versions of the libraries whose kernels ran."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    onednn = re.search(r"(?:oneDNN|MKL-DNN) v([\d.]+)", torch.__config__.show())
+    try:
+        ort = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        ort = None
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "onednn": onednn.group(1) if onednn else None, "onnxruntime": ort,
+            "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"}
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +191,8 @@ def benchmark_models(models: dict[str, nn.Module], input_shape: tuple[int, int, 
         for name, r in ratios(samples, reference).items():
             rows[name]["ratio_to_reference"] = r
     return {
-        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "device_name": device_name(device), "machine": machine_record(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
         "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "reference": reference,
         "torch": torch.__version__, "timm": timm.__version__, "models": rows,

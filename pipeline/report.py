@@ -36,7 +36,16 @@ from pipeline.io import atomic_path, load_predictions, read_json, write_json
 from pipeline.measure import ORT
 from pipeline.models.adavit import fast_path_label
 from pipeline.repo import git_state
-from pipeline.stats import Interval, exact, mean_interval, median_interval, paired_table, seeds_for_power
+from pipeline.stats import (
+    Interval,
+    estimate_over_seeds,
+    exact,
+    mean_interval,
+    median_interval,
+    paired_table,
+    pooled_seed_variance,
+    seeds_for_power,
+)
 from pipeline.study import PAPER_RESULTS, Study, as_list, load_study
 
 THROUGHPUT = "throughput"
@@ -74,6 +83,7 @@ class Results:
         self.study = study
         opts = study.settings["report"]
         self.level, self.power = opts["level"], opts["power"]
+        self.single_seed_sd = opts.get("single_seed_sd", "pooled")
         self.evals, self.stale = {}, []
         for run in study.runs:
             ev = _maybe_json(study.eval_path(run))
@@ -117,6 +127,32 @@ class Results:
                              f"runs; rerun evaluate")
         return pred == label
 
+    @functools.cached_property
+    def seed_var(self) -> tuple[float, float] | None:
+        """(σ²_a, df) added to a one-seed accuracy table (pipeline.stats, single-seed rows); None: not added."""
+        if self.single_seed_sd is None or len(self.study.settings["seeds"]) < 2:
+            return None
+        if self.single_seed_sd != "pooled":
+            return ((self.single_seed_sd / 100) ** 2, float("inf"))
+        tables = [paired_table([c]) for v in self.study.variants if len(c := self.correct(v)) > 1]
+        return pooled_seed_variance(tables)
+
+    def _seed_var(self, seeds: int, plus: list[str], minus: list[str] = ()) -> tuple[float, float] | None:
+        """The seed part that an S-seed table of `plus` minus `minus` cannot show (pipeline.stats, single-seed rows):
+        with one seed, each side's seed effect, averaged over its variants; with several, the effect of a one-seed
+        run that a side's variants start from (AdaViT from its DeiT), the same in every seed."""
+        if self.seed_var is None:
+            return None
+        if seeds == 1:
+            k = 1 / len(plus) + (1 / len(minus) if minus else 0)
+        else:
+            k = sum(self._one_seed_init(v) / len(side) ** 2 for side in (plus, minus) for v in side)
+        return (self.seed_var[0] * k, self.seed_var[1]) if k else None
+
+    def _one_seed_init(self, variant: str) -> bool:
+        return variant not in self.study.teachers and any(
+            self.study.init_source(r) in self.study.teachers for r in self.seed_runs(variant).values())
+
     def state(self, variant: str) -> str:
         runs = self.seed_runs(variant).values()
         return "stale" if any(r in self.stale for r in runs) else "ok" if any(r in self.evals for r in runs) \
@@ -135,10 +171,17 @@ class Results:
             value = median_interval(samples, self.level) if samples else None
         elif metric in SIZE_METRICS:
             key, scale = SIZE_METRICS[metric]
-            ev = self.evals[next(iter(r for r in self.seed_runs(variant).values() if r in self.evals))]
-            value = exact(ev[key] / scale) if key in ev else None
+            values = [ev[key] / scale for r in self.seed_runs(variant).values()
+                      if (ev := self.evals.get(r)) is not None and key in ev]
+            if not values:
+                value = None
+            elif self.study.is_adaptive(variant) and key == "macs":  # expected MACs follow the learned gates
+                value = estimate_over_seeds(values, self.level, "expected MACs over the test images")
+            else:
+                value = exact(values[0])
         else:
-            value = mean_interval(paired_table([self.correct(variant)]), self.level, self.power).scaled(100)
+            table = paired_table([self.correct(variant)])
+            value = mean_interval(table, self.level, self.power, self._seed_var(len(table), [variant])).scaled(100)
         return Cell(value, "ok" if value else "missing", self.run_ids(variant))
 
     @property
@@ -191,10 +234,14 @@ class Results:
             return self.round_ratio(a, b) if a and b else None
         if metric in SIZE_METRICS:
             a, b = self.cell(plus[0], metric), self.cell(minus[0], metric)
-            return exact(a.value.mean / b.value.mean) if a.ok and b.ok else None
+            if not (a.ok and b.ok):
+                return None
+            return exact(a.value.mean / b.value.mean) if a.value.low == a.value.high else a.value.scaled(
+                1 / b.value.mean)
         groups = [self.correct(v) for v in plus + minus]
         table = paired_table(groups[:len(plus)], groups[len(plus):])
-        return mean_interval(table, self.level, self.power).scaled(100)
+        seed_var = self._seed_var(len(table), plus, minus)
+        return mean_interval(table, self.level, self.power, seed_var).scaled(100)
 
 
 def _maybe_json(path: Path):
@@ -429,7 +476,12 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
     summary = {"profile": study.profile, "seeds": study.settings["seeds"], "test_images": results.test_images,
                "level": results.level, "verdicts": _plain(verdicts), "figures": figs, "adaptive": adaptive,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
-               "stale": sorted(results.stale)}
+               "stale": sorted(results.stale), "machine": (results.benchmark or {}).get("machine"),
+               "single_seed_sd": None if results.seed_var is None else
+               {"points": 100 * float(np.sqrt(results.seed_var[0])), "df": results.seed_var[1]},
+               # each run's training recipe (its identity's config part): `compare` skips a row whose recipe changed
+               "recipes": {r: ev["identity"]["config"] for r, ev in sorted(results.evals.items())
+                           if (ev.get("identity") or {}).get("config")}}
     write_json(out / "summary.json", summary)
     md_tables += [adaptive_markdown(adaptive), loss_terms_markdown(study, results)]
     histories = {r: h for r in results.evals if (h := _maybe_json(study.run_dir(r) / "history.json"))}
@@ -592,6 +644,7 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
         f"| seeds | {seeds}: every student variant once per seed; teachers once |",
         f"| git commit | `{git['git_commit'][:12]}` (dirty: {git['git_dirty']}) |",
         f"| device | {bench.get('device_name', platform.processor() or platform.machine())} |",
+        f"| machine of the throughputs | {machine_line(bench.get('machine'))} |",
         f"| runs evaluated | {len(results.evals)} of {len(study.runs)}"
         + (f"; stale (inputs changed since, not shown): {', '.join(sorted(results.stale))}" if results.stale else "")
         + " |",
@@ -605,6 +658,11 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
         + ("With one seed the interval covers the test images only: the seed-to-seed variation is not in it. "
            if len(seeds) == 1 else
            f"With {len(seeds)} seeds the t quantile has few degrees of freedom, so the intervals are wide. ")
+        + (f"A row trained once (a teacher) gets the seed-to-seed part estimated from the multi-seed rows: "
+           f"σ {100 * np.sqrt(results.seed_var[0]):.2f} points ({results.seed_var[1]:g} df, pooled). "
+           if results.seed_var else "")
+        + ("AdaViT's expected MACs follow its learned gates: their interval is over the seeds. "
+           if any(study.is_adaptive(v) for v in study.variants) else "")
         + f"MDE is the minimal detectable effect: the true Δ these seeds and test images find with "
         f"{results.power:.0%} power; beside it, the seeds that would detect the paper's Δ with that power at the "
         "variance measured here (the test images held fixed; ∞: no number of seeds, the test images' share alone is "
@@ -630,6 +688,15 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
     for f in figs:
         lines += [f"![{f}](figures/{f}.png)", ""]
     return "\n".join(lines)
+
+
+def machine_line(m: dict | None) -> str:
+    """The machine record of a benchmark (pipeline.measure.machine_record) in one line."""
+    if not m:
+        return "not recorded"
+    return (f"{m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']} ({m['cpu_capability']}; "
+            f"{' '.join(m['isa']) or 'no x86 SIMD flags'}), {m['threads']} threads of {m['cores']} cores; "
+            f"torch {m['torch']}, oneDNN {m['onednn']}, ONNX Runtime {m['onnxruntime']}")
 
 
 def _seeds_needed(iv: Interval | None, paper: float | None, results: Results) -> str:

@@ -19,6 +19,20 @@ report says so. Why not a bootstrap: resampling both seeds and images counts σ�
 ten distinct resamples; the moment estimator is unbiased and takes one pass. Intervals are conditional on
 the trained teachers (each teacher is trained once).
 
+**Single-seed rows** (the teachers, and T6's systems that are teachers): their one run has a seed effect a_s too,
+which one run cannot estimate. When the study has several seeds, the report adds an estimate of σ²_a: the seed
+components of the study's multi-seed accuracy rows pooled by their S − 1 degrees of freedom
+(`pooled_seed_variance`), with those df in Satterthwaite's formula; a Δ at one seed between k₊ and k₋ such runs
+adds σ²_a (1/k₊ + 1/k₋) (independent seed effects on both sides). A variant of several seeds that all start from
+one single-seed run (AdaViT fine-tuned from its DeiT teacher) shares that run's seed effect, which its own seeds
+cannot show: its cell adds σ²_a, and a Δ adds σ²_a / k² for each such variant among a side's k. This assumes
+the teachers' seed-to-seed spread is the students' (other architectures, other epochs); it is the part that lets
+two honest runs on two machines, whose attention models do not train bit-identically, be compared.
+`report.single_seed_sd` sets it: `pooled`, a number of points, or null (images only).
+
+**Quantities of learned values** (AdaViT's expected MACs follow its learned gates): the mean over seeds with the
+t interval over seeds (`estimate_over_seeds`), not a count.
+
 The minimal detectable effect (MDE) at level α and power 1 − β is (t_{1−α/2} + t_{1−β}) · SE: the true
 difference that the current seeds and test size find with probability 1 − β. The seeds that would find a given
 effect d with that power (`seeds_for_power`) are the smallest S whose MDE is ≤ |d| when the variance components
@@ -90,20 +104,52 @@ def variance_of_mean(x: np.ndarray) -> tuple[float, float, dict]:
     return total / (s * n), df, components
 
 
-def mean_interval(x, level: float = 0.95, power: float = 0.8) -> Interval:
-    """Interval of the mean of an S × N table (a 1-D array is one seed), with its MDE."""
+def mean_interval(x, level: float = 0.95, power: float = 0.8, seed_var: tuple[float, float] | None = None
+                  ) -> Interval:
+    """Interval of the mean of an S × N table (a 1-D array is one seed), with its MDE. `seed_var`: (variance, df)
+    of a seed part the table cannot show, estimated elsewhere (module doc: single-seed rows, shared inits)."""
     x = np.atleast_2d(np.asarray(x, dtype=float))
     s, n = x.shape
     if n < 2:
         raise ValueError(f"an interval needs at least 2 test images, got {n}")
     var, df, _ = variance_of_mean(x)
+    method = (f"{s} seeds x {n} test images, paired" if s > 1 else
+              f"one seed: {n} test images only (the seed-to-seed part is not in this interval)")
+    if seed_var is not None and seed_var[0] > 0:
+        v_seed, df_seed = seed_var
+        total = var + v_seed
+        df = total ** 2 / (var ** 2 / df + v_seed ** 2 / df_seed)
+        var = total
+        part = "a seed part" if s == 1 else "the seed part of a one-seed init"
+        method = (f"{s} seed{'s' * (s > 1)} x {n} test images, and {part} estimated from the study's multi-seed "
+                  f"rows ({df_seed:g} df)")
     mean, se = float(x.mean()), float(np.sqrt(max(var, 0.0)))
     t = stats.t.ppf(0.5 + level / 2, df)
     mde = (t + stats.t.ppf(power, df)) * se
-    method = (f"{s} seeds x {n} test images, paired" if s > 1 else
-              f"one seed: {n} test images only (the seed-to-seed part is not in this interval)")
     parts = _components(x) if s > 1 else None
     return Interval(mean, mean - t * se, mean + t * se, se, float(df), float(mde), s, n, level, method, parts)
+
+
+def pooled_seed_variance(tables: list[np.ndarray]) -> tuple[float, float] | None:
+    """(σ²_a, df): the seed variance component pooled over S × N tables of several seeds, each weighted by its
+    S − 1 degrees of freedom; None without such a table."""
+    parts = [(t.shape[0] - 1, variance_of_mean(t)[2]["seed"]) for t in tables if t.shape[0] > 1]
+    df = sum(d for d, _ in parts)
+    return (sum(d * v for d, v in parts) / df, float(df)) if df else None
+
+
+def estimate_over_seeds(values: list[float], level: float = 0.95, method: str = "") -> Interval:
+    """A quantity measured once per seed (e.g. expected MACs, which follow learned gates): the mean over seeds and
+    its t interval; with one seed, the value alone (no width to estimate)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        v = float(x[0])
+        return Interval(v, v, v, seeds=1, coverage=level, method=f"{method}, one seed: no interval")
+    se = float(x.std(ddof=1) / np.sqrt(len(x)))
+    t = stats.t.ppf(0.5 + level / 2, len(x) - 1)
+    mean = float(x.mean())
+    return Interval(mean, mean - t * se, mean + t * se, se, float(len(x) - 1), seeds=len(x), n=len(x),
+                    coverage=level, method=f"{method}, mean over {len(x)} seeds, t interval")
 
 
 def _components(x: np.ndarray) -> tuple[float, float, float]:

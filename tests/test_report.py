@@ -10,8 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
+from pipeline.compare import compare, compare_reports
 from pipeline.io import read_json, save_predictions, write_json
-from pipeline.publish import compare, publish
+from pipeline.publish import publish
 from pipeline.report import Results, guideline_verdicts, load_paper, write_report
 from pipeline.study import load_study
 
@@ -20,11 +21,18 @@ N = 1000
 LABELS = np.arange(N) % 10
 
 
-def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
+MACHINE = {"cpu": "test CPU", "isa": ["avx2"], "cpu_capability": "AVX2", "cores": 2, "threads": 2, "gpu": None,
+           "torch": "2.0", "onednn": "3.0", "onnxruntime": "1.0"}
+
+
+def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,), machine=MACHINE, speed=1.0,
+                 teacher_noise=0.0):
     """Eval JSONs with per-image predictions, histories, a benchmark and a latency breakdown, as the stages write
     them. `top1(variant)` is the accuracy in %, moved by N(0, seed_sd) points per seed. Images have one shared
-    difficulty, so runs are paired like real ones; `jitter` adds per-run noise to it (discordant images)."""
-    rng = np.random.default_rng(0)
+    difficulty, so runs are paired like real ones; `jitter` adds per-run noise to it (discordant images).
+    Another machine: its `machine` record, throughputs × `speed`, and each teacher moved by N(0, teacher_noise)
+    points (attention models do not train bit-identically on other CPUs; the students are the same)."""
+    rng, machine_rng = np.random.default_rng(0), np.random.default_rng(1)
     write_json(study.data_dir / "meta.json", {"data_hash": "f" * 64, "source": "fake", "counts": {"test": N}})
     difficulty = rng.random(N)
     for run in study.runs:
@@ -32,6 +40,8 @@ def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
         if variant in skip:
             continue
         accuracy = (top1(variant) + rng.normal(0, seed_sd)) / 100
+        if run in study.teachers and teacher_noise:
+            accuracy += machine_rng.normal(0, teacher_noise) / 100
         correct = np.argsort(np.argsort(difficulty + rng.normal(0, jitter, N))) < round(accuracy * N)
         pred = np.where(correct, LABELS, (LABELS + 1) % 10)
         save_predictions(study.predictions_path(run), torch.tensor(pred), torch.tensor(LABELS))
@@ -52,11 +62,12 @@ def fake_results(study, top1, seed_sd=0.0, jitter=0.0, skip=(MISSING_RUN,)):
     archs = {r: ("pool" if "pooling" in r else "ada" if study.is_adaptive(r) else "rif") for r in study.runs}
 
     def rounds(median):
+        median *= speed
         return {"median": median, "min": median - 10, "max": median + 10,
                 "samples": [median - 10, median - 5, median, median + 5, median + 10, median, median]}
     ratio = rounds(1.5)
     write_json(study.benchmark_path, {
-        "device_name": "test CPU", "reference": "pool", "runs": archs, "repeats": 7,
+        "device_name": "test CPU", "machine": machine, "reference": "pool", "runs": archs, "repeats": 7,
         "models": {"pool": {"throughput": rounds(100.0)}, "rif": {"throughput": rounds(120.0)},
                    "ada": {"throughput": rounds(80.0)}, "ada (fast path)": {"throughput": rounds(160.0)}},
         "adaptive": {"adavit": {"dense": "rif", "batch_1": {"images": 4, "fast": {"ratio_to_dense": ratio}}}},
@@ -204,16 +215,90 @@ def test_compare_with_the_committed_reference(study, capsys):
     write_report(study, study.report_dir)
     publish("smoke")
     assert (study.report_dir / "README.md").read_text() == open("reports/smoke/README.md").read()
-    assert compare("smoke") and "smoke: reproduced" in capsys.readouterr().out
+    capsys.readouterr()
+    assert compare("smoke").verdict() == "reproduced"
+    out = capsys.readouterr().out
+    assert out.startswith("smoke: reproduced (against reports/smoke; 1 cells not compared: expected MACs of learned")
     fake_results(study, paper_like({"affine-mi-partial": 70.0}), jitter=0.05)  # one variant changes
     write_report(study, study.report_dir)
-    assert not compare("smoke")
+    assert compare("smoke").verdict() == "differs"
     out = capsys.readouterr().out
-    assert "PL: 2 difference(s)" in out and "mi-gfnet-partial-init top1: committed 80.00 outside" in out
-    assert "T1: reproduced" in out and "guideline 5: contradicted (committed: supported)" in out
+    assert out.startswith("smoke: differs") and "PL: 2 difference(s)" in out
+    assert "[effect] mi-gfnet-partial-init top1: Δ fresh" in out and "apart by more than the two intervals" in out
+    assert "T1: reproduced" in out and "guideline 5: contradicted (reference: supported)" in out
     (Path("reports/smoke/tables") / "T9.csv").unlink()  # a table added after the reference was published
-    assert not compare("smoke")
-    assert "T9: not in the committed reference (a new table)" in capsys.readouterr().out
+    assert compare("smoke").verdict() == "differs"
+    assert "T9: not in the reference (a new table)" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def seeded(tmp_path, monkeypatch):
+    """The smoke study at three seeds: the one-seed rows (teachers) get a pooled seed part."""
+    monkeypatch.chdir(tmp_path)
+    return load_study("smoke", check_data=False, overrides={"seeds": [0, 1, 2]})
+
+
+def test_two_machines_reproduce(seeded, tmp_path):
+    """Same seeds on another CPU: the students are the same, each teacher's accuracy moved by a seed-sized amount,
+    every throughput is another: "reproduced", with the throughputs not compared (other machine)."""
+    fake_results(seeded, paper_like(), seed_sd=2.0, jitter=0.05)
+    summary = write_report(seeded, tmp_path / "a")
+    assert summary["machine"] == MACHINE and 1 < summary["single_seed_sd"]["points"] < 4
+    assert "seed part" in Results(seeded).cell("gfnet", "top1").value.method  # a teacher's interval holds it
+    seeded.settings["report"]["single_seed_sd"] = None
+    write_report(seeded, tmp_path / "a0")  # the same, with images-only intervals for the one-seed rows
+    other = {**MACHINE, "cpu": "other CPU", "isa": ["avx2", "avx512f"]}
+    fake_results(seeded, paper_like(), seed_sd=2.0, jitter=0.05, machine=other, speed=0.6, teacher_noise=2.0)
+    write_report(seeded, tmp_path / "b0")
+    seeded.settings["report"]["single_seed_sd"] = "pooled"
+    write_report(seeded, tmp_path / "b")
+    t5, t5b = ({(r["row"], r["metric"]): r for r in csv.DictReader(open(tmp_path / d / "tables" / "T5.csv"))}
+               for d in ("a", "b"))
+    assert all(t5[k]["ours"] != t5b[k]["ours"] for k in t5 if k[1] == "teacher_top1" and t5[k]["state"] == "ok")
+    result = compare_reports(tmp_path / "b", tmp_path / "a")
+    assert result.verdict() == "reproduced", result.diffs
+    reason = next(iter(result.skipped))
+    assert reason.startswith("other machine (cpu test CPU vs other CPU; isa avx2 vs avx2 avx512f)")
+    # images-only intervals tell the same two honest runs apart: the seed part is what makes them agree
+    assert compare_reports(tmp_path / "b0", tmp_path / "a0").verdict() != "reproduced"
+
+
+def test_same_machine_compares_throughput_and_a_moved_effect_differs(seeded, tmp_path):
+    fake_results(seeded, paper_like(), seed_sd=0.5, jitter=0.05)
+    write_report(seeded, tmp_path / "a")
+    fake_results(seeded, paper_like(), seed_sd=0.5, jitter=0.05, speed=0.5)  # same machine, everything at half
+    write_report(seeded, tmp_path / "b")
+    result = compare_reports(tmp_path / "b", tmp_path / "a")
+    assert not any(why.startswith("other machine") for why in result.skipped)  # images/s compared
+    assert result.verdict().startswith("reproduced except")
+    assert {kind for kind, _ in result.diffs} == {"throughput"}
+    fake_results(seeded, paper_like({"affine-mi-partial": 76.0}), seed_sd=0.5, jitter=0.05)  # +6 points
+    write_report(seeded, tmp_path / "c")
+    result = compare_reports(tmp_path / "c", tmp_path / "a")
+    assert result.verdict() == "differs"
+    assert any(kind == "effect" and "mi-gfnet-partial-init top1" in line for kind, line in result.diffs)
+
+
+def test_an_older_reference_gets_the_seed_part(seeded, tmp_path):
+    """Reports written before one-seed rows had a seed part: the other report's estimate (or, when neither has one,
+    the committed report's) is added to their one-seed cells."""
+    fake_results(seeded, paper_like(), seed_sd=2.0, jitter=0.05)
+    sd = write_report(seeded, tmp_path / "new")["single_seed_sd"]["points"]
+    seeded.settings["report"]["single_seed_sd"] = None
+    write_report(seeded, tmp_path / "new-old-style")
+    fake_results(seeded, paper_like(), seed_sd=2.0, jitter=0.05, teacher_noise=2.0)  # another machine
+    write_report(seeded, tmp_path / "old")
+    for folder in ("old", "new-old-style"):
+        summary = read_json(tmp_path / folder / "summary.json")
+        del summary["single_seed_sd"]
+        write_json(tmp_path / folder / "summary.json", summary)
+    result = compare_reports(tmp_path / "new", tmp_path / "old")
+    assert result.verdict() == "reproduced", result.diffs
+    assert any(f"reference report's one-seed intervals hold no seed part (an older version): σ {sd:.2f}" in n
+               for n in result.notes)
+    both_old = compare_reports(tmp_path / "new-old-style", tmp_path / "old", fallback_seed_sd=sd)
+    assert both_old.verdict() == "reproduced", both_old.diffs
+    assert compare_reports(tmp_path / "new-old-style", tmp_path / "old").verdict() != "reproduced"
 
 
 def test_several_seeds_pair_by_seed(tmp_path, monkeypatch):
