@@ -71,8 +71,10 @@ smoke: setup
 paper-plan: setup
 	snakemake -n --config profile=paper $(if $(DATA_ROOT),data_root=$(DATA_ROOT))
 
-# The same stages through DVC (profile from params.yaml), as one MLflow parent run.
+# The same stages through DVC (profile from params.yaml), as one MLflow parent run. The study is validated first
+# (every problem of the profile at once) and dvc.yaml checked against it, before DVC touches any output.
 dvc-repro: setup
+	python -m pipeline dvc-yaml --check
 	python -m pipeline session start --profile $(PROFILE) --driver dvc
 	dvc repro; status=$$?; python -m pipeline session end --profile $(PROFILE) \
 	  --status $$( [ $$status = 0 ] && echo FINISHED || echo FAILED ); exit $$status

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+
+from pipeline.tracking import close_run
 
 # stage name -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 STAGES = {
@@ -27,6 +30,15 @@ STAGES = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain `kill`, Slurm's preemption) raised like Ctrl-C, so that a stage records itself KILLED and
+    keeps what it finished (pipeline.tracking: run status)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +52,28 @@ def main(argv: list[str] | None = None) -> int:
         if name in argv[:1]:
             importlib.import_module(module).add_arguments(stage)
     args = parser.parse_args(argv)
-    importlib.import_module(STAGES[args.stage][0]).run(args)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        importlib.import_module(STAGES[args.stage][0]).run(args)
+    except BaseException as e:
+        _end_active_runs(e)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        print(f"{args.stage}: stopped by {str(e) or 'SIGINT'}; finished work is kept, the same command resumes",
+              file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     return 0
+
+
+def _end_active_runs(error: BaseException) -> None:
+    """A safety net: an MLflow run still active when a stage ends by an exception is ended FAILED or KILLED, never
+    left to MLflow's exit handler (which ends it FINISHED)."""
+    mlflow = sys.modules.get("mlflow")
+    for _ in range(16):  # runs nest (a stage's run under its parent); end_run pops one each time
+        active = mlflow and mlflow.active_run()
+        if active is None:
+            return
+        close_run(mlflow, active.info.run_id, error)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Per cell (docs/statistics.md, "Comparing two reports"):
   two intervals combined: |fresh − ref| <= sqrt(h_fresh² + h_ref²), each half-width taken on the side facing the
   other value (the interval of a difference of two independent estimates);
 - a throughput or a throughput ratio is compared only when both reports record the same machine
-  (pipeline.measure.MACHINE_KEYS), on the log scale, with the spread between two invocations of one machine
-  (`report.compare.throughput_rsd`) added to the rounds' intervals; otherwise "not compared: other machine";
+  (pipeline.measure.MACHINE_KEYS), on the log scale, with the spread between two invocations of one machine added
+  to the rounds' intervals (`report.compare`: `throughput_rsd` for images/s, which drift with the machine's speed,
+  `ratio_rsd` for ratios of models timed in the same rounds); otherwise "not compared: other machine";
 - a row whose training recipe changed between the two reports (its run identity's config) is not compared;
 - a report written before one-seed rows carried a seed part (its summary has no `single_seed_sd`) gets the other
   report's estimate added to its one-seed cells (σ for a value, σ√2 for a one-seed Δ, whose two sides each have
@@ -107,8 +108,8 @@ def _show(cell: dict, col: str) -> str:
     return f"{f(cell[col])} [{f(cell[col + '_low'])}, {f(cell[col + '_high'])}]"
 
 
-def compare_cell(fresh: dict, ref: dict, throughput_rsd: float = 0.05, seed_sd: float = 0.0
-                 ) -> list[tuple[str, str]]:
+def compare_cell(fresh: dict, ref: dict, throughput_rsd: float = 0.16, seed_sd: float = 0.0,
+                 ratio_rsd: float = 0.05) -> list[tuple[str, str]]:
     """The differences (kind, text) between a fresh and a reference cell of the same machine (module doc).
     `seed_sd`: points of seed-to-seed spread that one report's one-seed intervals lack (module doc)."""
     metric = fresh["metric"]
@@ -126,7 +127,7 @@ def compare_cell(fresh: dict, ref: dict, throughput_rsd: float = 0.05, seed_sd: 
         f, f_lo, f_hi, c, c_lo, c_hi = (float(cell[col + s]) for cell in (fresh, ref) for s in ("", "_low", "_high"))
         shown = f"{name}fresh {_show(fresh, col)} vs reference {_show(ref, col)}"
         if metric in THROUGHPUTS:
-            if not _agree_log(f, f_lo, f_hi, c, c_lo, c_hi, throughput_rsd):
+            if not _agree_log(f, f_lo, f_hi, c, c_lo, c_hi, ratio_rsd if col == "ours_delta" else throughput_rsd):
                 out.append(("throughput", f"{shown}: beyond the rounds' and the between-invocation spread"))
         elif metric in SIZE_METRICS and f_lo == f_hi == f and c_lo == c_hi == c:  # counts
             if abs(f - c) > 1e-6 * abs(c):
@@ -139,8 +140,9 @@ def compare_cell(fresh: dict, ref: dict, throughput_rsd: float = 0.05, seed_sd: 
     return out
 
 
-def compare_reports(fresh_dir: Path, ref_dir: Path, throughput_rsd: float = 0.05,
-                    tables: list[str] | None = None, fallback_seed_sd: float | None = None) -> Comparison:
+def compare_reports(fresh_dir: Path, ref_dir: Path, throughput_rsd: float = 0.16,
+                    tables: list[str] | None = None, fallback_seed_sd: float | None = None,
+                    ratio_rsd: float = 0.05) -> Comparison:
     """Compare two report folders (README.md, summary.json, tables/*.csv), cell by cell. `fallback_seed_sd`:
     the seed part (points) for one-seed cells when neither report records one (module doc)."""
     result = Comparison(ref_dir)
@@ -186,7 +188,7 @@ def compare_reports(fresh_dir: Path, ref_dir: Path, throughput_rsd: float = 0.05
                                    "older version)")
                 continue
             metric_seed_sd = 0.0 if key[1] in THROUGHPUTS or key[1] in SIZE_METRICS else seed_sd
-            found = compare_cell(fresh[key], ref[key], throughput_rsd, metric_seed_sd)
+            found = compare_cell(fresh[key], ref[key], throughput_rsd, metric_seed_sd, ratio_rsd)
             entry["compared"] += fresh[key]["state"] == "ok"
             entry["diffs"] += [(kind, f"{key[0]} {key[1]}: {text}") for kind, text in found]
     fv = {v["guideline"]: v["verdict"] for v in fs.get("verdicts", [])}
@@ -248,10 +250,11 @@ def compare(profile: str, reference: str | Path | None = None, fresh: str | Path
         return None
     if not (fresh_dir / "summary.json").is_file():
         raise SystemExit(f"compare: no fresh report in {fresh_dir}; run the study first")
-    rsd = study.settings["report"].get("compare", {}).get("throughput_rsd", 0.05)
+    spread = study.settings["report"].get("compare", {})
     committed = REPORTS / profile / "summary.json"
     fallback = (read_json(committed).get("single_seed_sd") or {}).get("points") if committed.is_file() else None
-    result = compare_reports(fresh_dir, ref_dir, rsd, None if fresh else list(study.tables), fallback)
+    result = compare_reports(fresh_dir, ref_dir, spread.get("throughput_rsd", 0.16),
+                             None if fresh else list(study.tables), fallback, spread.get("ratio_rsd", 0.05))
     print_comparison(result, profile)
     return result
 

@@ -7,6 +7,8 @@ read through timm's transforms).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +57,57 @@ def idx_file(d: Path, name: str) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def hash_tensors(*tensors: torch.Tensor) -> str:
+    """The content hash of a tensors-format prepared dataset (meta.json `data_hash`)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Prepared:
-    """A prepared dataset folder: its meta.json and, for tensors, the split tensors."""
+    """A prepared dataset folder: its meta.json and, for tensors, the split tensors, checked against the recorded
+    hash when first read (a damaged file is an error, never data)."""
     path: Path
     meta: dict
+    _splits: dict | None = None
 
     @property
     def data_hash(self) -> str:
         return self.meta["data_hash"]
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        obj = torch.load(self.path / f"{name}.pt", weights_only=True)
-        return obj["images"], obj["labels"]
+        if self._splits is None:
+            self._splits = self._read_verified()
+        return self._splits[name]
+
+    def _read_verified(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        splits = {}
+        for name in ("train", "test"):
+            try:
+                obj = torch.load(self.path / f"{name}.pt", weights_only=True)
+                splits[name] = obj["images"], obj["labels"]
+            except Exception as e:  # torch raises several types for a broken file
+                raise DataError(f"{self.path / name}.pt: unreadable ({type(e).__name__}: {e}); {REPREPARE}") from None
+        found = hash_tensors(*(t for pair in splits.values() for t in pair))
+        if found != self.data_hash:
+            raise DataError(f"{self.path}: the prepared data does not match its recorded hash (meta.json data_hash "
+                            f"{self.data_hash[:12]}, files {found[:12]}): damaged since it was prepared; {REPREPARE}")
+        return splits
+
+    def index(self) -> dict:
+        """An image folder's index (index.json), checked against the hash recorded beside it."""
+        raw = (self.path / "index.json").read_bytes()
+        recorded = self.meta.get("index_sha256")
+        if recorded and hashlib.sha256(raw).hexdigest() != recorded:
+            raise DataError(f"{self.path / 'index.json'}: does not match its recorded hash (meta.json index_sha256): "
+                            f"damaged since it was prepared; {REPREPARE}")
+        return json.loads(raw)
+
+
+REPREPARE = "delete the folder and prepare it again (`python -m pipeline prepare-data`, or rerun the study)"
 
 
 def load_prepared(path: str | os.PathLike) -> Prepared:
@@ -168,7 +208,7 @@ def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int,
             images, labels = images[:limit], labels[:limit]
         return TensorBatches(images, labels, batch_size, img_size, meta["mean"], meta["std"], train, seed,
                              augment, drop_last=train, shard=shard)
-    index = read_json(prepared.path / "index.json")[split]
+    index = prepared.index()[split]
     if limit is not None:
         index = index[:limit]
     transform_cfg = transform_cfg or {}
@@ -180,6 +220,21 @@ def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int,
     return FolderBatches(FolderImages(root, index, transform, decoded), batch_size, train, seed, workers, shard)
 
 
+# PIL modes of 8 bits per channel: converted to RGB exactly. Others (I;16, I, F: 16-bit, 32-bit, float) would be
+# clipped to 0..255 by convert("RGB"), silently: refused, naming the file.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                             "HSV"})
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """An opened image as 8-bit RGB; a DataError naming the file for a mode that conversion would damage."""
+    if im.mode not in EIGHT_BIT_MODES:
+        raise DataError(f"{path}: image mode {im.mode} ({'float' if im.mode == 'F' else 'more than 8 bits'} per "
+                        f"channel) is not decoded: converting it to 8-bit RGB would clip its values; convert the "
+                        f"dataset's images to 8 bits per channel first")
+    return im.convert("RGB")
+
+
 def _decoded(root: Path, index: list, key: tuple, limit_mb: int) -> list | None:
     """The split's images decoded to RGB uint8 arrays, once per process, when they fit in `limit_mb` MiB."""
     if limit_mb <= 0:
@@ -188,7 +243,7 @@ def _decoded(root: Path, index: list, key: tuple, limit_mb: int) -> list | None:
         arrays, total, limit = [], 0, limit_mb * 2**20
         for i, (rel, _) in enumerate(index):
             with Image.open(root / rel) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+                arrays.append(np.asarray(to_rgb(im, root / rel)))
             total += arrays[-1].nbytes
             # over the limit, or bound to be by the first 64 images' mean size (ImageNet gives up there)
             if total > limit or (i == 63 and total / 64 * len(index) > limit):
@@ -213,7 +268,7 @@ class FolderImages(Dataset):
         if self.decoded is not None:
             return self.transform(Image.fromarray(self.decoded[i])), label
         with Image.open(self.root / rel) as im:
-            return self.transform(im.convert("RGB")), label
+            return self.transform(to_rgb(im, self.root / rel)), label
 
 
 class FolderBatches:

@@ -51,6 +51,22 @@ def file_digest(path: str | os.PathLike) -> str:
     return _file_hashes[key]
 
 
+def check_model_file(path: str | os.PathLike, what: str) -> None:
+    """A run's model.pt against the sha256 its training recorded in metrics.json beside it: a file changed since
+    (a damaged disk, a partial copy) is an error naming it, never read as the run's model."""
+    path = Path(path)
+    record = path.parent / "metrics.json"
+    if path.name != "model.pt" or not record.is_file():
+        return
+    try:
+        recorded = json.loads(record.read_text()).get("model_sha256")
+    except ValueError:
+        return
+    if recorded and file_digest(path) != recorded:
+        raise ValueError(f"{what} {path}: its bytes do not match the sha256 its training recorded ({record}): "
+                         f"damaged since it was written; delete its run folder to retrain it")
+
+
 # ------------------------------------------------------------------------------------------------ code
 def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:
     """The source file of a module of the package (`pipeline.x.y`), or None for anything else."""

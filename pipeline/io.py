@@ -7,8 +7,10 @@ Checkpoints hold only tensors and plain containers, so they load with `torch.loa
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,21 +22,61 @@ import torch
 import pipeline.models  # noqa: F401  (registers the project's models)
 
 
+class WriteError(OSError):
+    """A result file that could not be written: the first line names the file and the cause (disk full,
+    permission denied, a read-only folder)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically. An OSError on the way is
+    raised again as a WriteError that names `path` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a new empty folder beside `path`; on success it takes `path`'s place (the old one is moved aside, then
+    removed), so a reader finds the old folder or the new one whole, never a mix; on an error (or a signal) the old
+    one stays or is put back."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    new, old = staging / "new", staging / "old"
+    try:
+        new.mkdir()
+        yield new
+        if path.exists():
+            path.rename(old)
+        new.rename(path)
+    except BaseException as e:
+        if old.exists() and not path.exists():
+            old.rename(path)
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.filename in (str(path), str(new)):
+            raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -52,10 +94,13 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    # through a file object: torch names the archive after a path it is given (here a random temporary
-    # name), so equal checkpoints would differ in their bytes and in their hash (pipeline.identity)
+    # serialised in memory first: torch names the archive after a path it is given (here a random temporary
+    # name), so equal checkpoints would differ in their bytes and in their hash (pipeline.identity); and torch's
+    # writer reports a full disk as "unexpected pos", where a plain write says "No space left on device"
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -31,7 +31,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, find_fashion_mnist, idx_file
+from pipeline.data import (
+    DEBIAN_FASHION_MNIST,
+    EIGHT_BIT_MODES,
+    FASHION_MNIST_FILES,
+    DataError,
+    find_fashion_mnist,
+    hash_tensors,
+    idx_file,
+)
 from pipeline.study import load_study
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -153,6 +161,9 @@ def _image_problem(path: Path) -> str | None:
         if path.stat().st_size == 0:
             raise OSError("empty file")
         with Image.open(path) as im:
+            if im.mode not in EIGHT_BIT_MODES:
+                return (f"{path}: image mode {im.mode} (more than 8 bits per channel, or float): decoding it to 8-bit "
+                        f"RGB would clip its values; convert it to 8 bits per channel")
             im.verify()
     except Exception as e:  # PIL raises many types for broken files
         return f"{path}: unreadable image ({type(e).__name__}: {e})"
@@ -160,14 +171,6 @@ def _image_problem(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ prepare
-def _hash_tensors(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def prepare(source: str, out: str | os.PathLike, raw_dir: str | None = None, root: str | None = None,
             train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
             check_images: bool = True, verify: bool = True) -> dict:
@@ -210,7 +213,7 @@ def _prepare_fashion_mnist(folder: Path, splits: dict, subsets: dict, seed: int)
     return {"source": "fashion-mnist", "format": "tensors", "classes": FASHION_MNIST_CLASSES,
             "num_classes": len(FASHION_MNIST_CLASSES), "in_chans": 1, "image_size": [28, 28],
             "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD, "counts": counts,
-            "data_hash": _hash_tensors(*tensors)}
+            "data_hash": hash_tensors(*tensors)}
 
 
 def _prepare_imagefolder(folder: Path, root: Path, index: dict, subsets: dict, seed: int) -> dict:
@@ -220,6 +223,7 @@ def _prepare_imagefolder(folder: Path, root: Path, index: dict, subsets: dict, s
         labels = torch.tensor([label for _, label in index[split]])
         index[split] = [index[split][i] for i in stratified_subset(labels, n, seed).tolist()]
     (folder / "index.json").write_text(json.dumps(index))
+    index_sha256 = hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()  # checked when read
     h = hashlib.sha256(json.dumps(index, sort_keys=True).encode())
     for rel, _ in index["train"] + index["test"]:
         st = (root / rel).stat()
@@ -227,7 +231,8 @@ def _prepare_imagefolder(folder: Path, root: Path, index: dict, subsets: dict, s
     return {"source": "imagefolder", "format": "imagefolder", "root": str(root.resolve()),
             "classes": index["classes"], "num_classes": len(index["classes"]), "in_chans": 3,
             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "counts": {s: len(index[s]) for s in ("train", "test")}, "data_hash": h.hexdigest()}
+            "counts": {s: len(index[s]) for s in ("train", "test")}, "data_hash": h.hexdigest(),
+            "index_sha256": index_sha256}
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
-from pipeline.io import read_json
+from pipeline.io import atomic_dir, read_json
 from pipeline.study import load_study
 
 REPORTS = Path("reports")
 
 
-def publish(profile: str) -> Path:
+def publish(profile: str, allow_missing: bool = False) -> Path:
     study = load_study(profile, check_data=False)
     fresh, target = study.report_dir, REPORTS / profile
     if not (fresh / "summary.json").is_file():
@@ -26,25 +25,25 @@ def publish(profile: str) -> Path:
     summary = read_json(fresh / "summary.json")
     if summary["stale"]:
         raise SystemExit(f"publish: {fresh} shows stale runs ({', '.join(summary['stale'])}); rerun the study")
+    if summary.get("incomplete") and not allow_missing:
+        raise SystemExit(f"publish: {fresh} was written without {len(summary['incomplete'])} runs' evaluations "
+                         f"({', '.join(summary['incomplete'][:8])}); rerun the study, or pass --allow-missing")
     if summary["missing"]:
         print(f"publish: note, {len(summary['missing'])} cells have no result: {', '.join(summary['missing'])}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{profile}.", dir=target.parent))
-    try:  # copy beside the target, then swap: a killed publish leaves the old reference or the new one
-        shutil.copytree(fresh, staging / profile)
-        old = staging / "old"
-        if target.exists():
-            target.rename(old)
-        (staging / profile).rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    leftovers = [str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    if leftovers or not (fresh / "README.md").is_file():
+        raise SystemExit(f"publish: {fresh} is not a whole report (README.md missing, or temporary files: "
+                         f"{', '.join(leftovers[:5])}); run `python -m pipeline report --profile {profile}` again")
+    with atomic_dir(target) as staging:  # a killed publish leaves the old reference or the new one
+        shutil.copytree(fresh, staging, dirs_exist_ok=True)
     print(f"published {fresh} -> {target}")
     return target
 
 
 def run(args: argparse.Namespace) -> None:
-    publish(args.profile)
+    publish(args.profile, args.allow_missing)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default")
+    p.add_argument("--allow-missing", action="store_true", help="publish a report written without some runs")

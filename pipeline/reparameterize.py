@@ -14,6 +14,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.data import load_prepared, test_images
+from pipeline.identity import check_model_file
 from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from pipeline.measure import count_params, max_logit_difference
 from pipeline.study import load_study
@@ -36,6 +37,7 @@ def reparameterize_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def reparameterize_file(checkpoint, data, out, report, num_images=256, batch_size=128, img_size=32,
                         tolerance=1e-4) -> dict:
+    check_model_file(checkpoint, "trained model")
     ckpt = load_checkpoint(checkpoint)
     model, deploy, deploy_ckpt = reparameterize_checkpoint(ckpt)
     prepared = load_prepared(data)

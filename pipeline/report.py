@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import figures, regime, tracking
-from pipeline.io import atomic_path, load_predictions, read_json, write_json
+from pipeline.io import atomic_dir, atomic_path, load_predictions, read_json, write_json
 from pipeline.measure import ORT
 from pipeline.models.adavit import fast_path_label
 from pipeline.repo import git_state
@@ -477,6 +477,7 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
                "level": results.level, "verdicts": _plain(verdicts), "figures": figs, "adaptive": adaptive,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
                "stale": sorted(results.stale), "machine": (results.benchmark or {}).get("machine"),
+               "incomplete": [r for r in study.runs if r not in results.evals or r in results.stale],
                "single_seed_sd": None if results.seed_var is None else
                {"points": 100 * float(np.sqrt(results.seed_var[0])), "df": results.seed_var[1]},
                # each run's training recipe (its identity's config part): `compare` skips a row whose recipe changed
@@ -710,7 +711,16 @@ def _seeds_needed(iv: Interval | None, paper: float | None, results: Results) ->
 def run(args: argparse.Namespace) -> dict:
     study = load_study(args.profile, check_data=False)
     out = Path(args.out) if args.out else study.report_dir
-    summary = write_report(study, out, mlflow_links(args.profile), invocation_wall_time(args.profile))
+    results = Results(study)
+    incomplete = [r for r in study.runs if r not in results.evals or r in results.stale]
+    if incomplete and not args.allow_missing:
+        raise SystemExit(f"report: the evaluation is incomplete: {len(incomplete)} of {len(study.runs)} runs have no "
+                         f"current result ({', '.join(incomplete[:8])}{', ...' if len(incomplete) > 8 else ''}); "
+                         f"run the study (it evaluates them), or pass --allow-missing to report without them")
+    if out.is_dir() and any(p.is_file() for p in out.rglob("*")) and not (out / "summary.json").is_file():
+        raise SystemExit(f"report: {out} holds files but no report (no summary.json): not replacing it")
+    with atomic_dir(out) as staging:  # the old report or the new one, whole: never a mix of both
+        summary = write_report(study, staging, mlflow_links(args.profile), invocation_wall_time(args.profile))
     with tracking.stage_run(args.profile, "report", args.profile) as (mlflow, run):
         for v in summary["verdicts"]:
             mlflow.set_tag(f"guideline_{v['guideline']}", v["verdict"])
@@ -726,3 +736,5 @@ def run(args: argparse.Namespace) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default")
     p.add_argument("--out", help="report folder (default results/<profile>/report)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="report even when some runs have no current evaluation (their cells say missing or stale)")

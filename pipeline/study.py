@@ -11,6 +11,7 @@ every problem.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 import pipeline.models  # noqa: F401  (registers the project's models: model names are checked against timm's registry)
 from pipeline.config import ConfigError, TrainConfig, apply_overrides, config_from_dict
 from pipeline.data import DataError, find_fashion_mnist, load_prepared
-from pipeline.identity import INPUT_KEYS, identity_changes, run_identity
+from pipeline.identity import INPUT_KEYS, check_model_file, identity_changes, run_identity
 from pipeline.io import load_checkpoint
 from pipeline.repo import REPO_ROOT
 
@@ -254,7 +255,8 @@ class Study:
 
     def current_checkpoint(self, run: str, path) -> dict:
         """The checkpoint at `path` of `run`, if it was trained from the run's current inputs; otherwise a
-        StaleResultError naming what changed."""
+        StaleResultError naming what changed; a model.pt changed since its training wrote it is an error."""
+        check_model_file(path, f"run {run!r}:")
         ckpt = load_checkpoint(path)
         changes = identity_changes(ckpt.get("identity"), self.identity(run))
         if changes:
@@ -263,12 +265,9 @@ class Study:
         return ckpt
 
     # -------------------------------------------------------------------------------------- configs
-    def run_config(self, run: str, overrides: list[str] | None = None, threads: int | None = None) -> TrainConfig:
-        """The resolved training config of a run: defaults < teacher_train < models < study < profile runs."""
-        if run not in self.run_specs:
-            raise StudyError(f"unknown run {run!r} in profile {self.profile}; known: {', '.join(self.runs)}")
-        if not overrides and not threads and run in self._configs:  # resolved once, asked for by many
-            return self._configs[run]
+    def run_values(self, run: str, threads: int | None = None) -> dict:
+        """A run's training config as the merged dict run_config builds it from (teachers and inits that are runs
+        of the study resolved to their model.pt)."""
         role, spec, seed = self.run_specs[run]
         spec = copy.deepcopy(spec)
         model = self.settings["models"][spec.pop("model")]
@@ -289,6 +288,15 @@ class Study:
         values.setdefault("data", {})["path"] = str(self.data_dir)
         if threads:
             values["threads"] = threads
+        return values
+
+    def run_config(self, run: str, overrides: list[str] | None = None, threads: int | None = None) -> TrainConfig:
+        """The resolved training config of a run: defaults < teacher_train < models < study < profile runs."""
+        if run not in self.run_specs:
+            raise StudyError(f"unknown run {run!r} in profile {self.profile}; known: {', '.join(self.runs)}")
+        if not overrides and not threads and run in self._configs:  # resolved once, asked for by many
+            return self._configs[run]
+        values = self.run_values(run, threads)
         if overrides:
             values = apply_overrides(values, overrides)
         cfg = config_from_dict(values)
@@ -322,23 +330,28 @@ def load_study(profile: str = "default", check_data: bool = True, overrides: dic
     for e in sorted(validator.iter_errors(settings), key=lambda e: list(e.path)):
         where = ".".join(str(p) for p in e.path) or "(top level)"
         errors.append(f"params/{profile}.yaml (over defaults.yaml) {where}: {e.message}")
-    if errors:
-        raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
     study = Study(profile, settings, study_file.get("teachers", {}), study_file.get("variants", {}),
                   study_file.get("tables", {}), Path("results") / profile, study_file.get("guidelines", []))
-    errors += _semantic_errors(study, check_data)
+    errors += _semantic_errors(study, check_data, after_schema_errors=bool(errors))
     if errors:
-        raise StudyError("invalid study definition:\n  " + "\n  ".join(errors))
+        raise StudyError("invalid study definition:\n  " + "\n  ".join(dict.fromkeys(errors)))
     return study
 
 
-def _semantic_errors(study: Study, check_data: bool) -> list[str]:
-    """Every problem a schema cannot see: names, references, table cells, guidelines, configs, data."""
-    errors = _name_errors(study) + _table_errors(study) + _guideline_errors(study)
-    if not errors:  # every run's training config must build (keys, values, references)
-        errors += _config_errors(study)
+def _semantic_errors(study: Study, check_data: bool, after_schema_errors: bool = False) -> list[str]:
+    """Every problem a schema cannot see, in the same pass as the schema's: names, references, table cells,
+    guidelines, configs (unknown keys, types, ranges, input files), data. A check that a schema error keeps from
+    running (a value of the wrong type) is left out; its problem is already listed."""
+    errors = []
+    checks = [_name_errors, _table_errors, _guideline_errors, lambda s: _config_errors(s, check_data)]
     if check_data:
-        errors += _data_errors(study)
+        checks.append(_data_errors)
+    for check in checks:
+        try:
+            errors += check(study)
+        except (TypeError, LookupError, AttributeError, ValueError):
+            if not (after_schema_errors or errors):  # a crash that no listed problem explains is a bug: raise it
+                raise
     return errors
 
 
@@ -396,17 +409,38 @@ def _guideline_errors(study: Study) -> list[str]:
     return errors
 
 
-def _config_errors(study: Study) -> list[str]:
-    """One line per problem of the runs' training configs, naming the runs that have it."""
+def _config_errors(study: Study, check_data: bool = True) -> list[str]:
+    """One line per problem of the runs' training configs, naming the runs that have it: the config's own
+    problems (pipeline.config) and inputs (teachers, init files) that name neither a run of the study nor a file."""
     runs_of: dict[str, list[str]] = {}
     for run in study.runs:
+        problems = _input_problems(study, study.run_values(run), check_data)
         try:
             study.run_config(run)
         except ConfigError as e:
-            for problem in e.problems:
-                runs_of.setdefault(problem, []).append(run)
+            problems += e.problems
+        for problem in problems:
+            runs_of.setdefault(problem, []).append(run)
     return [f"{problem} (run{'s' if len(runs) > 1 else ''} {', '.join(runs[:4])}"
             f"{f' and {len(runs) - 4} more' if len(runs) > 4 else ''})" for problem, runs in runs_of.items()]
+
+
+def _input_problems(study: Study, values: dict, check_data: bool) -> list[str]:
+    """A teacher or init that is not a run of the study (those resolve to their model.pt) must be a file: a name
+    like `gfnett` always fails here; a path only when the data are checked (planning on another machine)."""
+    runs = {str(study.model_path(r)) for r in study.runs}
+    problems = []
+    for section, key in INPUT_KEYS:
+        node = values.get(section) if section else values
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or value in runs or Path(value).is_file():
+            continue
+        if os.sep not in value and not Path(value).suffix:
+            problems.append(f"{section + '.' if section else ''}{key} {value!r} names no run of the study "
+                            f"(teachers: {', '.join(study.teachers)}) and no file")
+        elif check_data:
+            problems.append(f"{section + '.' if section else ''}{key} {value!r}: file not found")
+    return problems
 
 
 def _data_errors(study: Study) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -37,13 +38,46 @@ def ui_url(experiment_id: str | None = None, run_id: str | None = None) -> str:
     return f"{UI}/#/{page}?workflowType=machine_learning"
 
 
+# A tracking server that does not answer: MLflow's own retries are bounded to about 20 s a request (3 tries of at
+# most 5 s, 1 + 2 s apart, with up to 1 s of jitter; its defaults wait minutes, silently), and `setup` asks the
+# server first, so a stage fails within seconds, naming it. A run that fails so keeps its files: its checkpoint
+# resumes it once the server is back (docs/faults.md).
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable, naming the server, when an http(s) tracking URI does not answer its /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error  # deferred: only a tracking server needs it
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:  # it answered (a proxy's 401 or 404 included): MLflow's own calls will say more
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({reason}): start it (`make "
+                                  f"mlflow-server`) or unset MLFLOW_TRACKING_URI to log to the local store; a run "
+                                  f"stopped by this resumes from its checkpoint") from None
+
+
 def setup(experiment: str):
     """Point MLflow at the project's store and experiment (created if missing, tagged as model training);
-    returns the mlflow module."""
+    returns the mlflow module. A tracking server that does not answer is an error within seconds."""
     warnings.filterwarnings("ignore", module="mlflow")
+    for key, value in HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
     import mlflow  # deferred (~2 s): only the stages that log import it
 
     uri = tracking_uri()
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     with _creation_lock(uri):
         exp = mlflow.set_experiment(experiment)
@@ -138,13 +172,98 @@ def parent_tags(profile: str | None = None) -> dict[str, str]:
     return tags
 
 
+# ------------------------------------------------------------------------------------- run status
+# A run's MLflow status is the truth: FINISHED only after its last file is written, FAILED (tag `error`) on an
+# exception, KILLED on SIGINT/SIGTERM (pipeline.__main__ raises those as KeyboardInterrupt), and a run whose
+# process vanished (SIGKILL, out of memory, a lost node) is closed FAILED by the next invocation that owns it.
+VANISHED = "process vanished (killed without a chance to record it: SIGKILL, out of memory or a lost node)"
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process a run belongs to, so that a later invocation can tell a live run from an orphan."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def status_of(error: BaseException | None) -> str:
+    return "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def close_run(mlflow, run_id: str, error: BaseException | None = None) -> None:
+    """End `run_id` as FINISHED, FAILED or KILLED (status_of), the error as its `error` tag; the process's active
+    run is popped too, so the next run of a multi-run job starts clean. While recording an error, a store that
+    fails too (a server gone) is a warning: the error being recorded is the one to raise."""
+    try:
+        client = mlflow.MlflowClient()
+        if error is not None:
+            client.set_tag(run_id, "error", (f"{type(error).__name__}: {error}".strip().rstrip(":"))[:5000])
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status=status_of(error))
+        else:
+            client.set_terminated(run_id, status=status_of(error))
+    except Exception as e:
+        if error is None:
+            raise
+        print(f"warning: MLflow run {run_id} could not be marked {status_of(error)} ({type(e).__name__}: "
+              f"{str(e)[:200]}); the next invocation closes it", flush=True)
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status_of(error))  # pop it from this process's stack at least
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def close_vanished(mlflow, experiment: str, run_name: str, run_dir: str | None = None) -> list[str]:
+    """Close, FAILED with VANISHED, the RUNNING runs of `experiment` named `run_name` whose process is gone: on
+    this host a pid that no longer runs; with `run_dir` (a training run whose folder's lock the caller holds, so no
+    live process writes it), every such run of that folder, wherever it ran. Returns their ids."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    quoted = run_name.replace("'", "\\'")
+    runs = client.search_runs([exp.experiment_id],
+                              f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING'")
+    closed = []
+    for r in runs:
+        tags = r.data.tags
+        if r.info.run_id == os.environ.get(PARENT_ENV):
+            continue
+        owned = run_dir is not None and tags.get("run_dir") == run_dir
+        if owned or (tags.get("host") == socket.gethostname() and not _alive(tags.get("pid", ""))):
+            client.set_tag(r.info.run_id, "error", VANISHED)
+            client.set_terminated(r.info.run_id, status="FAILED")
+            closed.append(r.info.run_id)
+    if closed:
+        print(f"{run_name}: closed {len(closed)} MLflow run(s) left RUNNING by a vanished process (now FAILED): "
+              f"{', '.join(closed)}", flush=True)
+    return closed
+
+
 @contextlib.contextmanager
 def stage_run(profile: str, stage: str, name: str, tags: dict | None = None):
-    """An MLflow run for one stage invocation, nested under the pipeline invocation's parent run."""
+    """An MLflow run for one stage invocation, nested under the pipeline invocation's parent run; FINISHED only
+    when the stage's block ends, FAILED or KILLED otherwise (close_run). An earlier invocation of the same stage
+    whose process vanished is closed first."""
     mlflow = setup(experiment_name(profile))
-    all_tags = {"stage": stage, "profile": profile, **git_state(), **parent_tags(profile), **(tags or {})}
-    with mlflow.start_run(run_name=f"{stage}:{name}", tags=all_tags) as run:
+    run_name = f"{stage}:{name}"
+    close_vanished(mlflow, experiment_name(profile), run_name)
+    all_tags = {"stage": stage, "profile": profile, **git_state(), **parent_tags(profile), **owner_tags(),
+                **(tags or {})}
+    run = mlflow.start_run(run_name=run_name, tags=all_tags)
+    try:
         yield mlflow, run
+    except BaseException as e:
+        close_run(mlflow, run.info.run_id, e)
+        raise
+    close_run(mlflow, run.info.run_id)
 
 
 def log_dataset(mlflow, path: str | Path, name: str, digest: str, context: str, attempts: int = 4) -> None:

@@ -46,8 +46,8 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.config import TrainConfig, apply_overrides, config_from_dict
 from pipeline.data import Prepared, build_loader, load_prepared, model_transform
-from pipeline.identity import file_digest, identity_changes, run_identity
-from pipeline.io import atomic_path, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
+from pipeline.identity import check_model_file, file_digest, identity_changes, run_identity
+from pipeline.io import load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
 from pipeline.losses import DistillationLoss, ModuleImitation, UsageLoss
 from pipeline.measure import evaluate
 from pipeline.models import model_kwargs
@@ -145,6 +145,7 @@ def init_from_file(model: nn.Module, path: str) -> dict:
             pass  # not a pipeline checkpoint: a plain state dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init checkpoint {path} not found")
+    check_model_file(path, "init checkpoint")
     cfg.update(file=str(path), url=None, hf_hub_id=None, state_dict=None)
     head_reset = cfg.get("num_classes") != model.num_classes
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)  # timm's key remapping
@@ -172,6 +173,7 @@ def partial_load(student: nn.Module, teacher_state: dict[str, torch.Tensor]) -> 
 def teacher_checkpoint(path: str, prepared: Prepared, role: str) -> dict:
     """A teacher's (or partial-init source's) checkpoint, checked against the data: one trained for other
     classes or input channels is a clear error, never a size-mismatch traceback in the middle of a step."""
+    check_model_file(path, role)
     ckpt = load_checkpoint(path)
     kwargs = ckpt.get("model_kwargs", {})
     for key in ("num_classes", "in_chans"):
@@ -240,22 +242,33 @@ def cached_teacher_logits(cfg: TrainConfig, teacher: nn.Module, loader, data_has
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a run of the same seed computing them: wait for it
-        cached = _read_logits(path, key, (epochs * steps, d.batch_size))
+        cached = _read_logits(path, key, (epochs * steps, d.batch_size), cfg.name)
         if cached is not None:
             return cached
         logits = torch.stack(list(_teacher_outputs(cfg, teacher, loader, device, autocast)))
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save({"key": key, "logits": logits}, f)
+        save_checkpoint(path, {"key": key, "logits": logits, "sha256": _tensor_sha256(logits)})
         return logits
 
 
-def _read_logits(path: Path, key: dict, leading_shape: tuple[int, int]) -> torch.Tensor | None:
-    """Cached teacher outputs written for `key`; None when missing, for another key, or broken (recomputed, never
-    used)."""
-    with contextlib.suppress(Exception):
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_logits(path: Path, key: dict, leading_shape: tuple[int, int], name: str) -> torch.Tensor | None:
+    """Cached teacher outputs written for `key`, checked byte for byte against the sha256 stored with them; None
+    when missing or for another key, and None with a message when damaged (recomputed, never used)."""
+    if not path.is_file():
+        return None
+    try:
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached["key"] == key and cached["logits"].shape[:2] == leading_shape:
+        if cached["key"] != key or cached["logits"].shape[:2] != leading_shape:
+            return None
+        if cached.get("sha256") == _tensor_sha256(cached["logits"]):
             return cached["logits"]
+        problem = "its bytes do not match the sha256 stored with them"
+    except Exception as e:  # a truncated or foreign file
+        problem = f"unreadable ({type(e).__name__})"
+    print(f"[{name}] cached teacher outputs {path}: {problem}; recomputing them", flush=True)
     return None
 
 
@@ -411,7 +424,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
     s = build_session(cfg, cache_dir)
     ckpt_path = out_dir / "checkpoint.pt"
     start_epoch, history, run_id = resume(s, ckpt_path)
-    mlflow, run_id = open_run(s, experiment, run_id, profile, start_epoch)
+    mlflow, run_id = open_run(s, experiment, run_id, profile, start_epoch, out_dir)
     wall_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -424,16 +437,23 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                                             "scheduler": s.scheduler.state_dict(), "history": history,
                                             "run_id": run_id})
                 print_epoch(cfg, row)
+        if not ranks().main:
+            return {"name": cfg.name, "history": history}
+        metrics = finish(s, out_dir, history, run_id, mlflow, time.perf_counter() - wall_start)
+        tracking.close_run(mlflow, run_id)  # FINISHED: every final file is written
+        return metrics
     except BaseException as e:
-        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if ranks().main:
+            tracking.close_run(mlflow, run_id, e)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"[{cfg.name}] stopped ({str(e) or 'SIGINT'}) after {len(history)} of {cfg.optim.epochs} epochs; "
+                  f"MLflow run {run_id} KILLED; the same command resumes it from {ckpt_path}"
+                  + ("; under torchrun, a failure of another rank also stops this one so: see its log"
+                     if ranks().world > 1 else ""), flush=True)
         raise
     finally:
         if s.objective.imitation is not None:
             s.objective.imitation.remove()
-    if not ranks().main:
-        return {"name": cfg.name, "history": history}
-    return finish(s, out_dir, history, run_id, mlflow, time.perf_counter() - wall_start)
 
 
 def build_session(cfg: TrainConfig, cache_dir: Path | None) -> Session:
@@ -551,18 +571,26 @@ def resume(s: Session, path: Path) -> tuple[int, list[dict], str | None]:
     return state["epoch"] + 1, state["history"], state.get("run_id")
 
 
-def open_run(s: Session, experiment: str, run_id: str | None, profile: str | None, start_epoch: int):
-    """(mlflow, run id): the run's MLflow run, continued when resuming; its params and config logged once. Ranks
+def open_run(s: Session, experiment: str, run_id: str | None, profile: str | None, start_epoch: int,
+             out_dir: Path):
+    """(mlflow, run id): the run's MLflow run, continued when resuming; its params and config logged once. Runs of
+    this folder left RUNNING by a vanished process are closed first (this process holds the folder's lock). Ranks
     other than 0 get a tracker that does nothing."""
     if not ranks().main:
         return _NoTracking(), run_id
     mlflow = tracking.setup(experiment)
-    run_id = _start_run(mlflow, s.cfg, run_id, s.prepared, s.device, profile, ranks().world).info.run_id
-    if start_epoch == 0:
-        mlflow.log_params(tracking.flatten(s.cfg.to_dict()))
-        mlflow.log_dict(s.cfg.to_dict(), "config.yaml")
-        if s.init_log:
-            mlflow.log_dict(s.init_log, "init.json")
+    run_dir = str(out_dir.resolve())
+    tracking.close_vanished(mlflow, experiment, s.cfg.name, run_dir)
+    run_id = _start_run(mlflow, s.cfg, run_id, s.prepared, s.device, profile, ranks().world, run_dir).info.run_id
+    try:
+        if start_epoch == 0:
+            mlflow.log_params(tracking.flatten(s.cfg.to_dict()))
+            mlflow.log_dict(s.cfg.to_dict(), "config.yaml")
+            if s.init_log:
+                mlflow.log_dict(s.init_log, "init.json")
+    except BaseException as e:
+        tracking.close_run(mlflow, run_id, e)
+        raise
     if "partial_init" in s.init_log:
         pl = s.init_log["partial_init"]
         print(f"[{s.cfg.name}] partial init: loaded {len(pl['loaded'])} keys, kept init for {pl['skipped']}")
@@ -607,29 +635,47 @@ def finish(s: Session, out_dir: Path, history: list[dict], run_id: str, mlflow, 
     }
     s.model.cpu()
     save_checkpoint(out_dir / "model.pt", {**s.record, "state_dict": s.model.state_dict()})
+    metrics["model_sha256"] = file_digest(out_dir / "model.pt")  # checked where a later run reads it
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     mlflow.log_metrics({"final/test_top1": metrics["test_top1"], "final/test_top5": metrics["test_top5"]})
     mlflow.log_dict(metrics, "metrics.json")
-    mlflow.end_run(status="FINISHED")
     return metrics
 
 
 def _start_run(mlflow, cfg: TrainConfig, run_id: str | None, prepared: Prepared, device: torch.device,
-               profile: str | None, processes: int):
+               profile: str | None, processes: int, run_dir: str):
     if run_id is not None:
         try:
-            return mlflow.start_run(run_id=run_id)
+            client = mlflow.MlflowClient()
+            before = client.get_run(run_id)
+            run = mlflow.start_run(run_id=run_id)
         except Exception as e:  # the store was reset since the run began
             print(f"[{cfg.name}] cannot reopen MLflow run {run_id} ({type(e).__name__}); logging to a new run")
+        else:  # resumed: the interruption stays on record, the run's status is again its own
+            try:
+                error = before.data.tags.get("error")
+                if error:
+                    client.delete_tag(run_id, "error")
+                client.set_tag(run_id, "resumed", f"after {before.info.status}"
+                               + (f" ({error})" if error else "")[:4000])
+                mlflow.set_tags(tracking.owner_tags())
+            except BaseException as e:
+                tracking.close_run(mlflow, run_id, e)
+                raise
+            return run
     # `variant` is the same for every seed of a variant, so the MLflow UI groups them; `seed` tells them apart
     tags = {"table": ",".join(cfg.tables), "variant": cfg.variant or cfg.name, "seed": str(cfg.seed),
             "role": cfg.role, "model": cfg.model,
             "data_hash": prepared.data_hash, "torch": torch.__version__, "timm": timm.__version__,
-            "device": str(device), "processes": str(processes), "stage": "train", **git_state(),
-            **tracking.parent_tags(profile)}
+            "device": str(device), "processes": str(processes), "stage": "train", "run_dir": run_dir,
+            **git_state(), **tracking.parent_tags(profile), **tracking.owner_tags()}
     run = mlflow.start_run(run_name=cfg.name, tags=tags)
-    tracking.log_dataset(mlflow, prepared.path, prepared.meta["source"], prepared.data_hash[:32], "training")
+    try:
+        tracking.log_dataset(mlflow, prepared.path, prepared.meta["source"], prepared.data_hash[:32], "training")
+    except BaseException as e:
+        tracking.close_run(mlflow, run.info.run_id, e)
+        raise
     return run
 
 

@@ -231,8 +231,11 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path,
     (cached,) = (tmp_path / "cache" / "teacher-logits").glob("*.pt")
     logits = torch.load(cached, weights_only=True)["logits"]
     assert logits.shape == (steps, 50, 10)
-    # the cache is what the teacher says about the run's batches, so a corrupted one would change the run
-    torch.save({"key": torch.load(cached, weights_only=True)["key"], "logits": torch.zeros_like(logits)}, cached)
+    # the cache is what the teacher says about the run's batches: other outputs stored with their own checksum (a
+    # deliberate change, not damage) change the run, so the cache is really read
+    other = torch.zeros_like(logits)
+    torch.save({"key": torch.load(cached, weights_only=True)["key"], "logits": other,
+                "sha256": pipeline.train._tensor_sha256(other)}, cached)
     train(cfg, tmp_path / "poisoned", experiment="test-train", progress=False, cache_dir=tmp_path / "cache")
     h = json.loads((tmp_path / "poisoned" / "history.json").read_text())
     assert h[0]["train/kd_soft"] != history[0]["train/kd_soft"]

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir).parent))
 
 from pipeline import tracking
+from pipeline.repo import hold_driver_lock
 from pipeline.stages import stages
 from pipeline.study import load_study
 
@@ -49,6 +50,8 @@ def final_outputs():
 
 
 def start_mlflow_session():
+    # No `dvc repro` on this checkout meanwhile (it would delete outputs this run writes): fails here, before any job.
+    hold_driver_lock("snakemake")
     # One experiment per profile, created here before parallel jobs start; one parent run per invocation.
     run_id = tracking.start_session(PROFILE, "snakemake")
     print(f"MLflow: experiment {tracking.experiment_name(PROFILE)}, parent run {run_id}")
