@@ -38,12 +38,13 @@ def ui_url(experiment_id: str | None = None, run_id: str | None = None) -> str:
     return f"{UI}/#/{page}?workflowType=machine_learning"
 
 
-# A tracking server that does not answer: MLflow's own retries are bounded to about 20 s a request (3 tries of at
-# most 5 s, 1 + 2 s apart, with up to 1 s of jitter; its defaults wait minutes, silently), and `setup` asks the
-# server first, so a stage fails within seconds, naming it. A run that fails so keeps its files: its checkpoint
-# resumes it once the server is back (docs/faults.md).
+# A tracking server that does not answer: `setup` asks it first (5 s), so a stage fails within seconds, naming it;
+# later, a refused connection fails after MLflow's retries (3 tries, 1 + 2 s apart, plus up to 1 s of jitter each),
+# and a server that accepts but hangs after at most 3 x 30 s (its defaults: 8 tries of 120 s, silently). 30 s, not
+# less: artifact uploads (ONNX models, report files) to a busy server take seconds. A run that fails so keeps its
+# files: its checkpoint resumes it once the server is back (docs/faults.md).
 HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class TrackingUnavailable(RuntimeError):
