@@ -30,10 +30,10 @@ from pathlib import Path
 
 from pipeline.io import read_json
 from pipeline.measure import MACHINE_KEYS
+from pipeline.publish import REPORTS
 from pipeline.report import SIZE_METRICS, THROUGHPUTS
 from pipeline.study import load_study
 
-REPORTS = Path("reports")
 Z95 = 1.959964
 
 

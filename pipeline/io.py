@@ -27,6 +27,10 @@ class WriteError(OSError):
     permission denied, a read-only folder)."""
 
 
+def _write_error(path: Path, e: OSError) -> WriteError:
+    return WriteError(e.errno, f"cannot write {path}: {e.strerror or e}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path` atomically. An OSError on the way is
@@ -44,7 +48,7 @@ def atomic_path(path: str | os.PathLike):
     except WriteError:
         raise
     except OSError as e:
-        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise _write_error(path, e) from e
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -61,7 +65,7 @@ def atomic_dir(path: str | os.PathLike):
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as e:
-        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise _write_error(path, e) from e
     new, old = staging / "new", staging / "old"
     try:
         new.mkdir()
@@ -73,7 +77,7 @@ def atomic_dir(path: str | os.PathLike):
         if old.exists() and not path.exists():
             old.rename(path)
         if isinstance(e, OSError) and not isinstance(e, WriteError) and e.filename in (str(path), str(new)):
-            raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+            raise _write_error(path, e) from e
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

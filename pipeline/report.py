@@ -153,6 +153,11 @@ class Results:
         return variant not in self.study.teachers and any(
             self.study.init_source(r) in self.study.teachers for r in self.seed_runs(variant).values())
 
+    @property
+    def incomplete(self) -> list[str]:
+        """The study's runs without a current evaluation (no eval/<run>.json, or one of changed inputs)."""
+        return [r for r in self.study.runs if r not in self.evals or r in self.stale]
+
     def state(self, variant: str) -> str:
         runs = self.seed_runs(variant).values()
         return "stale" if any(r in self.stale for r in runs) else "ok" if any(r in self.evals for r in runs) \
@@ -477,7 +482,7 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
                "level": results.level, "verdicts": _plain(verdicts), "figures": figs, "adaptive": adaptive,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
                "stale": sorted(results.stale), "machine": (results.benchmark or {}).get("machine"),
-               "incomplete": [r for r in study.runs if r not in results.evals or r in results.stale],
+               "incomplete": results.incomplete,
                "single_seed_sd": None if results.seed_var is None else
                {"points": 100 * float(np.sqrt(results.seed_var[0])), "df": results.seed_var[1]},
                # each run's training recipe (its identity's config part): `compare` skips a row whose recipe changed
@@ -711,8 +716,7 @@ def _seeds_needed(iv: Interval | None, paper: float | None, results: Results) ->
 def run(args: argparse.Namespace) -> dict:
     study = load_study(args.profile, check_data=False)
     out = Path(args.out) if args.out else study.report_dir
-    results = Results(study)
-    incomplete = [r for r in study.runs if r not in results.evals or r in results.stale]
+    incomplete = Results(study).incomplete
     if incomplete and not args.allow_missing:
         raise SystemExit(f"report: the evaluation is incomplete: {len(incomplete)} of {len(study.runs)} runs have no "
                          f"current result ({', '.join(incomplete[:8])}{', ...' if len(incomplete) > 8 else ''}); "
