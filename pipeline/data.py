@@ -7,9 +7,11 @@ read through timm's transforms).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.io import read_json
@@ -120,7 +123,9 @@ def load_prepared(path: str | os.PathLike) -> Prepared:
 class TensorBatches:
     """Batches from uint8 tensors: pad to `img_size`, scale, normalise; optional random-crop + flip.
 
-    Shuffling uses a generator seeded from (seed, epoch), so an epoch's order is the same after a resume.
+    Shuffling uses a generator seeded from (seed, epoch), so an epoch's order is the same after a resume. The
+    transforms run where the tensors are (the whole split on the GPU: a few tens of MB); the draws come from a CPU
+    generator, so the batches are the same on any device.
     `shard=(rank, world)`: a distributed rank's slice of each batch (torchrun; `batch_size` is the global batch).
     """
 
@@ -136,8 +141,8 @@ class TensorBatches:
             raise DataError(f"img_size {img_size} is smaller than the {h}x{w} images")
         self.pad = ((img_size - w) // 2, img_size - w - (img_size - w) // 2,
                     (img_size - h) // 2, img_size - h - (img_size - h) // 2)
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -157,7 +162,7 @@ class TensorBatches:
             hh, ww = x.shape[-2:]
             dy, dx = crop
             x = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, :, dy:dy + hh, dx:dx + ww]
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         return x.contiguous()
 
     def __iter__(self):
@@ -191,14 +196,16 @@ DECODED_CACHE_MB = 1024
 
 def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int, train: bool, seed: int = 0,
                  augment: bool = True, workers: int = 0, limit: int | None = None, transform_cfg: dict | None = None,
-                 shard: tuple[int, int] = (0, 1), decoded_cache_mb: int = DECODED_CACHE_MB):
-    """An iterable of (images, labels) batches over a prepared split, with `set_epoch(epoch)`.
+                 shard: tuple[int, int] = (0, 1), decoded_cache_mb: int = DECODED_CACHE_MB,
+                 device: torch.device | str = "cpu"):
+    """An iterable of normalised (images, labels) batches on `device` over a prepared split, with `set_epoch(epoch)`.
 
     `shard=(rank, world)`: under torchrun, each of `world` processes gets its own slice of every batch of the one
     seeded stream (`batch_size` is the global batch, a multiple of `world`), so the global batch and the order of
     the images are the ones a single process sees. `decoded_cache_mb`: an image-folder split whose decoded pixels
     fit in this many MiB is decoded once per process and held in memory (0: decode every image every epoch)."""
     rank, world = shard
+    device = torch.device(device)
     if batch_size % world:
         raise DataError(f"batch_size {batch_size} is not a multiple of the {world} training processes")
     meta = prepared.meta
@@ -206,18 +213,20 @@ def build_loader(prepared: Prepared, split: str, batch_size: int, img_size: int,
         images, labels = prepared.split(split)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        return TensorBatches(images, labels, batch_size, img_size, meta["mean"], meta["std"], train, seed,
-                             augment, drop_last=train, shard=shard)
+        return TensorBatches(images.to(device), labels.to(device), batch_size, img_size, meta["mean"], meta["std"],
+                             train, seed, augment, drop_last=train, shard=shard)
     index = prepared.index()[split]
     if limit is not None:
         index = index[:limit]
-    transform_cfg = transform_cfg or {}
-    transform = create_transform(img_size, is_training=train and transform_cfg.get("augment", True),
-                                 mean=meta["mean"], std=meta["std"],
-                                 **{k: v for k, v in transform_cfg.items() if k != "augment"})
+    transform_cfg = dict(transform_cfg or {})
+    is_training = train and transform_cfg.pop("augment", True)
+    erasing = {k: transform_cfg.pop(k) for k in ("re_prob", "re_mode") if k in transform_cfg}
+    # uint8 out of the workers (a quarter of float32's bytes); normalisation and random erasing on the device
+    transform = create_transform(img_size, is_training=is_training, use_prefetcher=True, **transform_cfg)
     root = Path(meta["root"])
     decoded = _decoded(root, index, (meta["data_hash"], split, limit), decoded_cache_mb)
-    return FolderBatches(FolderImages(root, index, transform, decoded), batch_size, train, seed, workers, shard)
+    return FolderBatches(FolderImages(root, index, transform, decoded), batch_size, train, seed, workers, shard,
+                         tuple(meta["mean"]), tuple(meta["std"]), device, erasing if is_training else None)
 
 
 # PIL modes of 8 bits per channel: converted to RGB exactly. Others (I;16, I, F: 16-bit, 32-bit, float) would be
@@ -254,8 +263,11 @@ def _decoded(root: Path, index: list, key: tuple, limit_mb: int) -> list | None:
 
 
 class FolderImages(Dataset):
-    """(transformed image, label) of an image-folder split; read from `decoded` arrays when given, else from the
-    files. A module-level class, so that data workers started with spawn or forkserver can unpickle it."""
+    """(transformed image as uint8 CHW, label) of an image-folder split; read from `decoded` arrays when given, else
+    from the files. Indexed by (index, seed): each image's augmentation is drawn from its own seed (given by the
+    sampler, FolderBatches), so an image gets the same crop in any worker, with any number of workers and under any
+    number of training processes. A module-level class, so that data workers started with spawn or forkserver can
+    unpickle it."""
 
     def __init__(self, root: Path, index: list, transform, decoded: list | None = None):
         self.root, self.index, self.transform, self.decoded = root, index, transform, decoded
@@ -263,44 +275,83 @@ class FolderImages(Dataset):
     def __len__(self):
         return len(self.index)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
         rel, label = self.index[i]
-        if self.decoded is not None:
-            return self.transform(Image.fromarray(self.decoded[i])), label
-        with Image.open(self.root / rel) as im:
-            return self.transform(to_rgb(im, self.root / rel)), label
+        with _seeded(seed):
+            if self.decoded is not None:
+                return self.transform(Image.fromarray(self.decoded[i])), label
+            with Image.open(self.root / rel) as im:
+                return self.transform(to_rgb(im, self.root / rel)), label
 
 
-class FolderBatches:
-    """Batches of a FolderImages dataset through a DataLoader, shuffled by a generator seeded from (seed, epoch)."""
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """python's, numpy's and torch's global generators (timm's transforms draw from all three) seeded with `seed`, and
+    given back their state after: without workers, the training process's own draws (dropout, random erasing) go on
+    as if no image had been loaded."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
 
-    def __init__(self, images: FolderImages, batch_size: int, train: bool, seed: int, workers: int,
-                 shard: tuple[int, int]):
-        self.images, self.batch_size, self.train, self.seed, self.workers = images, batch_size, train, seed, workers
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of an image-folder epoch's order and per-image seeds: distinct for every (seed, epoch)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+class EpochBatches:
+    """The batch sampler of FolderBatches: each batch is a list of (index, seed), in the order of the current epoch
+    (set by FolderBatches.set_epoch) and, under torchrun, this rank's slice of each global batch."""
+
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, shard: tuple[int, int]):
+        self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.rank, self.world = shard
         self.epoch = 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def __len__(self):
-        n = len(self.images)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return self.n // self.batch_size if self.train else -(-self.n // self.batch_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        pin = torch.cuda.is_available()
-        if self.world == 1:
-            return iter(DataLoader(self.images, batch_size=self.batch_size, shuffle=self.train, generator=g,
-                                   num_workers=self.workers, drop_last=self.train, pin_memory=pin))
-        # one rank's slice of each global batch of the seeded order (the random crops are drawn per worker)
-        n = len(self.images)
-        order = torch.randperm(n, generator=g).tolist() if self.train else list(range(n))
-        part = self.batch_size // self.world
-        batches = [order[i + self.rank * part:i + (self.rank + 1) * part]
-                   for i in range(0, len(self) * self.batch_size, self.batch_size)]
-        return iter(DataLoader(self.images, batch_sampler=batches, num_workers=self.workers, pin_memory=pin,
-                               generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + self.rank)))
+        g = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.train else torch.arange(self.n)
+        seeds = torch.randint(2**31, (self.n,), generator=g)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            part = idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
+            if len(part):  # the last test batch may leave a rank nothing
+                yield list(zip(part.tolist(), seeds[part].tolist(), strict=True))
+
+
+class FolderBatches:
+    """Normalised float batches of a FolderImages split on `device`: one DataLoader for the whole run (its workers
+    start once), uint8 images from the workers, normalisation and random erasing on the device (timm's
+    PrefetchLoader: on CUDA the next batch's copy overlaps the current step)."""
+
+    def __init__(self, images: FolderImages, batch_size: int, train: bool, seed: int, workers: int,
+                 shard: tuple[int, int], mean, std, device: torch.device, erasing: dict | None = None):
+        self.images, self.sampler = images, EpochBatches(len(images), batch_size, train, seed, shard)
+        # its own generator: the workers' base seed (unused: the sampler seeds each image) is not drawn from the global
+        # one, which random erasing draws from
+        loader = DataLoader(images, batch_sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        self.loader = PrefetchLoader(loader, mean, std, len(mean), device, **(erasing or {}))
+
+    def set_epoch(self, epoch):
+        self.sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 def test_images(prepared: Prepared, n: int, img_size: int, transform_cfg: dict | None = None):

@@ -47,7 +47,8 @@ def _stage(study: Study, stage: Stage) -> dict:
         text = text.replace("{profile}", "${profile}").replace("{run}", "${item}")
         return "results/${profile}/" + text.removeprefix(prefix) if text.startswith(prefix) else text
 
-    spec = {"cmd": dvc(f"{stage.launcher} {stage.command}"), "deps": stage.code + [dvc(p) for p in stage.deps]}
+    spec = {"cmd": [profile_guard(study.profile), dvc(f"{stage.launcher} {stage.command}")],
+            "deps": stage.code + [dvc(p) for p in stage.deps]}
     if stage.params or stage.study_keys:
         spec["params"] = ["profile", {"params/defaults.yaml": list(stage.params)},
                           {"params/${profile}.yaml": list(stage.params)}]
@@ -60,6 +61,13 @@ def _stage(study: Study, stage: Stage) -> dict:
         spec["plots"] = [{dvc(p): dict(PLOT_PROPS[name])} if (name := p.rsplit("/", 1)[-1]) in PLOT_PROPS else dvc(p)
                          for p in stage.plots]
     return spec
+
+
+def profile_guard(profile: str) -> str:
+    """The first command of every stage: the stages list one profile's runs (and its launcher: torchrun or not), so
+    `dvc exp run -S profile=OTHER` stops here, saying what to do, instead of running another profile's job list."""
+    return (f'test "${{profile}}" = {profile} || (echo "dvc.yaml lists the jobs of profile {profile}, not '
+            f'${{profile}}: run python -m pipeline dvc-yaml --profile ${{profile}} first" >&2; exit 1)')
 
 
 def run(args: argparse.Namespace) -> None:

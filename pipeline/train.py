@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -68,9 +69,13 @@ def seed_everything(seed: int) -> None:
 
 
 def set_deterministic(on: bool) -> None:
+    """Deterministic kernels (and cuDNN's autotuner off) when `on`; the GPU profiles turn it off for speed. Torch's
+    filling of every new tensor with NaN under deterministic mode (a debugging aid for kernels that read memory they
+    did not write) stays off: it costs a write of every allocation and changes no result of a correct kernel."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not on
 
 
@@ -303,7 +308,7 @@ class Objective:
         teacher_logits = None
         with torch.no_grad():
             if self.kd_logits is not None:
-                teacher_logits = self.kd_logits[step].to(images.device)
+                teacher_logits = self.kd_logits[step]
             elif self.kd_teacher is not None:
                 teacher_logits = self.kd_teacher(images).float()
             imitating = self.imitation is not None and any(self.imitation.active(step).values())
@@ -328,14 +333,22 @@ def optimizer_params(model: nn.Module, o) -> nn.Module | list[dict]:
     return param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=skip)
 
 
+# Steps between the loop's reads of its running sums (the non-finite check, the progress bar): each read waits for
+# the device, so the loop reads them once in a while, not after every step.
+SYNC_EVERY = 50
+
+
 def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, objective: Objective, optimizer,
                     scheduler, device: torch.device, autocast, progress: bool) -> dict:
-    """One pass over the training set; returns the epoch's row of the history (means over the steps)."""
+    """One pass over the training set; returns the epoch's row of the history (means over the steps). The loss
+    terms and accuracy counts are summed on the device; the sums are read every SYNC_EVERY steps and at the end."""
     loader.set_epoch(epoch)
     model.train()
     steps = len(loader)
-    sums: dict[str, float] = {}
-    correct = correct5 = seen = 0
+    sums: dict[str, torch.Tensor] = {}
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct
+    seen = 0
+    checked = 0  # the steps before this one are known to have finite losses
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
@@ -345,34 +358,37 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loader, obje
         with autocast():
             logits, terms = objective(model, images, labels, epoch * steps + step)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"{cfg.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                f"lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step_update(epoch * steps + step + 1)
-        for k, v in {"loss": loss, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct += (top5[:, 0] == labels).sum().item()
-        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        with torch.no_grad():
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            counts += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum()])
         seen += len(labels)
-        if progress:
-            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", acc=f"{100 * correct / seen:.1f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+            values = {k: v.item() for k, v in sums.items()}
+            if not math.isfinite(values["loss"]):
+                raise NonFiniteLossError(
+                    f"{cfg.name}: non-finite loss at epoch {epoch + 1}, in steps {checked + 1}-{step + 1} (sums of "
+                    f"the terms: {', '.join(f'{k}={v:.4g}' for k, v in values.items())}); lower optim.lr or check "
+                    f"the data")
+            checked = step + 1
+            if progress:
+                bar.set_postfix(loss=f"{values['loss'] / (step + 1):.3f}", acc=f"{100 * counts[0].item() / seen:.1f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     world = ranks().world
+    totals = torch.cat([torch.stack(list(sums.values())), counts, counts.new_tensor([seen])])
     if world > 1:  # the epoch's means over every rank's images: the numbers of a single process
-        totals = torch.tensor([*sums.values(), correct, correct5, seen], dtype=torch.float64)
         dist.all_reduce(totals)
-        sums = {k: v / world for k, v in zip(sums, totals.tolist(), strict=False)}
-        correct, correct5, seen = totals[-3:].tolist()
+        totals[:len(sums)] /= world
+    *means, correct, correct5, seen = totals.tolist()
     return {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-            **{f"train/{k}": v / steps for k, v in sums.items()},
+            **{f"train/{k}": v / steps for k, v in zip(sums, means, strict=True)},
             "train/top1": 100 * correct / seen, "train/top5": 100 * correct5 / seen,
             "train/images_per_s": seen / (time.perf_counter() - t0)}
 
@@ -472,14 +488,14 @@ def build_session(cfg: TrainConfig, cache_dir: Path | None) -> Session:
     if rk.world > 1:  # (AdaViT trains with soft masks: every parameter gets a gradient in every step)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     kd_teacher, mi_teacher = build_teachers(cfg, prepared, device)
-    train_loader, test_loader, eval_transform = build_loaders(cfg, prepared, model)
+    train_loader, test_loader, eval_transform = build_loaders(cfg, prepared, model, device)
     optimizer, scheduler = build_optimizer(cfg, model, len(train_loader))
     objective = build_objective(cfg, model, kd_teacher, mi_teacher, len(train_loader), kwargs["num_classes"])
     if objective.imitation is not None:
         init_log["mi_blocks"] = objective.imitation.blocks
     if kd_teacher is not None and cache_dir is not None and mi_teacher is not kd_teacher and rk.world == 1:
-        objective.kd_logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir,
-                                                    device, autocast)
+        logits = cached_teacher_logits(cfg, kd_teacher, train_loader, prepared.data_hash, cache_dir, device, autocast)
+        objective.kd_logits = None if logits is None else logits.to(device)  # at most CACHE_MAX_BYTES: no copy per step
     record = {"model": cfg.model, "model_kwargs": kwargs, "identity": run_identity(cfg, prepared.data_hash),
               "config": {"img_size": cfg.data.img_size, "transform": eval_transform}}
     return Session(cfg, prepared, device, autocast, model, net, train_loader, test_loader, optimizer, scheduler,
@@ -513,8 +529,9 @@ def build_teachers(cfg: TrainConfig, prepared: Prepared, device: torch.device):
     return kd_teacher, mi_teacher
 
 
-def build_loaders(cfg: TrainConfig, prepared: Prepared, model: nn.Module):
-    """(training loader, test loader, the evaluation transform of image-folder data)."""
+def build_loaders(cfg: TrainConfig, prepared: Prepared, model: nn.Module, device: torch.device):
+    """(training loader, test loader, the evaluation transform of image-folder data), their batches on `device`.
+    Under torchrun each rank gets its slice of every batch, of the test set too (every rank evaluates its part)."""
     d, rk = cfg.data, ranks()
     eval_transform = model_transform(model, d.interpolation, d.crop_pct)  # image folders only
     train_loader = build_loader(prepared, "train", d.batch_size, d.img_size, train=True, seed=cfg.seed,
@@ -522,9 +539,10 @@ def build_loaders(cfg: TrainConfig, prepared: Prepared, model: nn.Module):
                                 transform_cfg={"augment": d.augment, "auto_augment": d.auto_augment,
                                                "re_prob": d.re_prob, "re_mode": d.re_mode,
                                                "interpolation": eval_transform["interpolation"]},
-                                shard=(rk.rank, rk.world), decoded_cache_mb=d.decoded_cache_mb)
+                                shard=(rk.rank, rk.world), decoded_cache_mb=d.decoded_cache_mb, device=device)
     test_loader = build_loader(prepared, "test", d.eval_batch_size, d.img_size, train=False, workers=d.workers,
-                               limit=d.test_limit, transform_cfg=eval_transform, decoded_cache_mb=d.decoded_cache_mb)
+                               limit=d.test_limit, transform_cfg=eval_transform, decoded_cache_mb=d.decoded_cache_mb,
+                               shard=(rk.rank, rk.world), device=device)
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.name}: no full training batch: batch_size {d.batch_size} is larger than the "
                          f"training set")
@@ -598,18 +616,22 @@ def open_run(s: Session, experiment: str, run_id: str | None, profile: str | Non
 
 
 def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
-    """One epoch's steps, then (rank 0, every `eval_every` epochs and at each of the last `eval_last`) the test set:
-    its history row."""
-    cfg, main = s.cfg, ranks().main
-    seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * ranks().rank)  # resume-exact: RNGs restart each epoch
+    """One epoch's steps, then (every `eval_every` epochs and at each of the last `eval_last`) the test set: its
+    history row. Under torchrun every rank evaluates its slice of the test set and the counts are summed."""
+    cfg, rk = s.cfg, ranks()
+    seed_everything(cfg.seed * 1000 + epoch + RANK_SEED * rk.rank)  # resume-exact: RNGs restart each epoch
     t0 = time.perf_counter()
     row = train_one_epoch(cfg, epoch, s.net, s.train_loader, s.objective, s.optimizer, s.scheduler, s.device,
-                          s.autocast, progress and main)
-    if not main:
-        return row
+                          s.autocast, progress and rk.main)
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 > cfg.optim.epochs - cfg.eval_last:
         acc = evaluate(s.model, s.test_loader, s.device, s.autocast, memory_format(cfg))
-        row.update({f"test/{k}": acc[k] for k in ("top1", "top5", "loss")})
+        n = len(acc["label"])
+        totals = torch.tensor([acc["top1"] * n, acc["top5"] * n, acc["loss"] * n, n], dtype=torch.float64,
+                              device=s.device)
+        if rk.world > 1:
+            dist.all_reduce(totals)
+        top1, top5, loss, n = totals.tolist()
+        row.update({"test/top1": top1 / n, "test/top5": top5 / n, "test/loss": loss / n})
     row["epoch_time_s"] = time.perf_counter() - t0
     return row
 

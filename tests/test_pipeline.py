@@ -275,6 +275,11 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     jobs = planned_jobs(sh(ws, "snakemake", "-n", "--cores", "2", "--config", "profile=mine"))
     assert sum(student_jobs(jobs).values()) == len(mine.student_runs) and jobs["report"] == 1  # a job per run
     set_params(ws, "params.yaml", lambda d: d.update(profile="mine"))
+    # the committed dvc.yaml lists the default profile's jobs: DVC stops at the first command of a stage
+    with pytest.raises(AssertionError, match="dvc.yaml lists the jobs of profile default, not mine: run python -m "
+                                             "pipeline dvc-yaml --profile mine first"):
+        sh(ws, "dvc", "repro", "prepare-data")
+    assert not (ws / "results/mine/data").exists()
     sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "mine")  # its seeds differ from default's
     plan = sh(ws, "dvc", "repro", "--dry", "--force")
     assert plan.count("Running stage 'train-") == len(mine.runs) and "--profile mine" in plan
@@ -290,6 +295,14 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     plan = sh(ws, "dvc", "repro", "--dry", "--force")
     assert plan.count("Running stage 'train-") == len(study.runs)
     assert "python -m pipeline report --profile paper" in plan
+    # one seed; every training job is 8 processes under torchrun on the job's 8 GPUs
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    assert study.settings["seeds"] == [0] and not any("seed1" in name for name in stages)
+    train_cmds = [s["cmd"][-1] for k, s in stages.items() if k.startswith("train-") and k != "train-teacher"]
+    train_cmds.append(stages["train-teacher"]["do"]["cmd"][-1])
+    assert len(train_cmds) == len(study.train_batches) + 1
+    assert all(c.startswith("python -m pipeline.gpus --gpus 8 --share 1 -- torchrun --standalone --nproc_per_node 8 "
+                            "-m pipeline -- train --profile ${profile}") for c in train_cmds), train_cmds[0]
 
     def one_batch(d):
         d["train"].update(threads=2, device="cpu")
