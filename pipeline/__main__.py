@@ -20,6 +20,7 @@ STAGES = {
     "export": ("pipeline.export", "every student's deploy model as ONNX, checked in ONNX Runtime and logged to MLflow"),
     "benchmark": ("pipeline.benchmark", "params, MACs and interleaved throughput of registry models"),
     "bench-train": ("pipeline.bench_train", "training images/s, FLOPs per image and share of matmul peak per model"),
+    "bench-data": ("pipeline.bench_data", "files/s of prepare-data's image check, each mode, at ImageNet shape"),
     "latency-breakdown": ("pipeline.latency", "the paper's Fig. 1: ViT-B latency built up by component"),
     "sensitivity": ("pipeline.sensitivity", "T1 (identity - pooling) with its interval at several training budgets"),
     "report": ("pipeline.report", "tables beside the paper's numbers, figures, guideline verdicts"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.measure import measure_throughput, summarize
+from pipeline.measure import measure_throughput, precision_policy, summarize
 from pipeline.models.adavit import FastPath
 
 
@@ -54,18 +54,20 @@ def kept_tokens(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def adaptive_speedup(dense, model, images: torch.Tensor, batch_size: int, batch1_images: int, warmup: int,
-                     repeats: int, iters: int) -> dict:
+                     repeats: int, iters: int, precision: str = "fp32") -> dict:
     """Interleaved images/s of the dense DeiT, the masked path and the fast path, and each ratio to dense:
     at batch 1 over `batch1_images` test images, and on the same images sorted by kept-token count and cut
-    into batches of `batch_size` (so a batch's samples keep similar numbers of patches)."""
+    into batches of `batch_size` (so a batch's samples keep similar numbers of patches). Under the benchmark's
+    precision policy (pipeline.measure), the grouping too: its decisions are the timed passes'."""
     models = {"dense": dense.eval(), "masked": model.eval(), "fast": FastPath(model).eval()}
-    order = torch.argsort(kept_tokens(model, images, batch_size), stable=True)
+    with precision_policy(precision, images.device):
+        order = torch.argsort(kept_tokens(model, images, batch_size), stable=True)
     grouped = list(images[order].split(batch_size))
     settings = {"batch_1": [images[i:i + 1] for i in range(min(batch1_images, len(images)))],
                 f"grouped_batch_{batch_size}": grouped}
     out = {}
     for name, batches in settings.items():
-        samples = measure_throughput(models, batches, warmup, repeats, iters, progress=False)
+        samples = measure_throughput(models, batches, warmup, repeats, iters, progress=False, precision=precision)
         out[name] = {"images": sum(len(b) for b in batches),
                      **{m: {"throughput": summarize(s),
                             "ratio_to_dense": summarize([a / b for a, b in zip(s, samples["dense"], strict=True)])}

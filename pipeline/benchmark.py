@@ -3,7 +3,8 @@ pipeline.measure); with `--profile`, the study's benchmark (Table 6 and its sibl
 the machine once the first seed's deploy models exist).
 
 Models are named by spec strings, `name[:form]` or a checkpoint file (build_model). The paper's protocol is batch
-2048 at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it.
+2048 at 224 on an A100, repeated and summarised by the median (riformer.md Sec. 4); `--protocol paper` sets it,
+with the paper profile's precision policy, tf32 (params/paper.yaml says why).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline import tracking
 from pipeline.adaptive import adaptive_speedup
 from pipeline.data import load_prepared, test_images
 from pipeline.io import load_checkpoint, model_from_checkpoint, write_json
-from pipeline.measure import benchmark_models, print_benchmark
+from pipeline.measure import PRECISIONS, benchmark_models, print_benchmark
 from pipeline.models import create_model
 from pipeline.models.adavit import FastPath, fast_path_label
 from pipeline.study import load_study
@@ -73,20 +74,20 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     in_chans = prepared.meta["in_chans"]
     img = study.settings["train"]["data"]["img_size"]
     images = test_images(prepared, max(b["batch_size"], b["adaptive"]["images"] if adaptive else 0), img)[0]
-    device, dtype = torch.device(b["device"]), getattr(torch, b["dtype"])
-    result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, dtype, b["warmup"],
+    device, precision = torch.device(b["device"]), b["precision"]
+    result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, precision, b["warmup"],
                               b["repeats"], b["iters"], reference=runs[reference_run], images=images,
                               onnxruntime=_onnx_twins(study, runs, reference_run))
     result.update(profile=study.profile, runs=runs, protocol="study", adaptive={})
     sizes = study.settings["evaluate"].get("sizes") or {}
     if sizes.get("names"):
-        result["sizes"] = size_benchmark(sizes, device, dtype)
+        result["sizes"] = size_benchmark(sizes, device, precision)
     for run in adaptive:  # speed-up over the dense DeiT it was initialised from, at batch 1 and grouped
         dense = runs[study.init_source(run)]
         a = b["adaptive"]
         result["adaptive"][run] = {"dense": dense, **adaptive_speedup(
-            models[dense].to(device), models[runs[run]].to(device), images.to(device, dtype), b["batch_size"],
-            a["batch_1_images"], b["warmup"], b["repeats"], b["iters"])}
+            models[dense].to(device), models[runs[run]].to(device), images.to(device), b["batch_size"],
+            a["batch_1_images"], b["warmup"], b["repeats"], b["iters"], precision)}
     return result
 
 
@@ -121,10 +122,10 @@ def _onnx_twins(study, runs: dict[str, str], reference_run: str) -> list[str]:
     b = study.settings["evaluate"]["benchmark"]
     pair = [reference_run] + [r["run"] for r in study.tables["T6"]["rows"] if r["row"] == "riformer_s12"][:1]
     exportable = len(pair) == 2 and all(r in study.export_runs for r in pair)
-    return [runs[r] for r in pair] if exportable and b["device"] == "cpu" and b["dtype"] == "float32" else []
+    return [runs[r] for r in pair] if exportable and b["device"] == "cpu" and b["precision"] == "fp32" else []
 
 
-def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def size_benchmark(s: dict, device: torch.device, precision: str) -> dict:
     """T6 at every size: PoolFormer-X and deploy RIFormer-X for each size X of `s["names"]` (s12 ... m48) at
     ImageNet shape (3 x img_size^2, 1000 classes), untrained weights, in one interleaved run; each RIFormer's
     per-round ratio to its PoolFormer is the report's (`ratio_to_reference` here is to the first PoolFormer).
@@ -133,7 +134,7 @@ def size_benchmark(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
     img = s["img_size"]
     models = {spec: build_model(spec, 1000, 3, img) for size in s["names"]
               for spec in (f"riformer_{size}:pooling", f"riformer_{size}:deploy")}
-    return benchmark_models(models, (3, img, img), s["batch_size"], device, dtype, s["warmup"], s["repeats"],
+    return benchmark_models(models, (3, img, img), s["batch_size"], device, precision, s["warmup"], s["repeats"],
                             s["iters"], reference=f"riformer_{s['names'][0]}:pooling")
 
 
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.protocol == "paper":
         args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
+    precision = args.precision or ("tf32" if args.protocol == "paper" else "fp32")
     device = torch.device(args.device)
     models = {spec: build_model(spec, args.num_classes, args.in_chans, args.img_size, args.decision_bias)
               for spec in args.models}
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     if reference not in models:
         raise ValueError(f"--reference {reference!r} is not one of --models")
     result = benchmark_models(models, (args.in_chans, args.img_size, args.img_size), args.batch_size, device,
-                              getattr(torch, args.dtype), args.warmup, args.repeats, args.iters, reference,
+                              precision, args.warmup, args.repeats, args.iters, reference,
                               onnxruntime=args.onnxruntime)
     result["protocol"] = args.protocol
     write_json(args.out, result)
@@ -197,11 +199,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--iters", type=int, default=2, help="batches per model per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="the paper does not say fp16 or fp32 (riformer.md Sec. 8); fp32 by default")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="fp32 (strict: no TF32), tf32 (TF32 for matmuls and convolutions; CUDA only), bf16 / fp16 "
+                        "(autocast over fp32 weights); default fp32, or tf32 with --protocol paper")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also time each model exported to ONNX, in ONNX Runtime, in the same rounds (CPU, fp32)")
     p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
     p.add_argument("--protocol", choices=["custom", "paper"], default="custom",
-                   help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized)")
+                   help="paper: batch 2048 at 224, 3 rounds of 30 batches (A100-sized), precision tf32")
     p.add_argument("--out", help="JSON file to write (with --models)")

@@ -6,10 +6,11 @@ Per cell (docs/statistics.md, "Comparing two reports"):
 - an accuracy, a Δ, or an estimate over seeds (AdaViT's expected MACs) agrees when the two values are within the
   two intervals combined: |fresh − ref| <= sqrt(h_fresh² + h_ref²), each half-width taken on the side facing the
   other value (the interval of a difference of two independent estimates);
-- a throughput or a throughput ratio is compared only when both reports record the same machine
-  (pipeline.measure.MACHINE_KEYS), on the log scale, with the spread between two invocations of one machine added
-  to the rounds' intervals (`report.compare`: `throughput_rsd` for images/s, which drift with the machine's speed,
-  `ratio_rsd` for ratios of models timed in the same rounds); otherwise "not compared: other machine";
+- a throughput or a throughput ratio is compared only when both reports record the same machine and precision
+  policy (pipeline.measure.MACHINE_KEYS; a report from before the policy reads as fp32 on a CPU), on the log
+  scale, with the spread between two invocations of one machine added to the rounds' intervals (`report.compare`:
+  `throughput_rsd` for images/s, which drift with the machine's speed, `ratio_rsd` for ratios of models timed in
+  the same rounds); otherwise "not compared: other machine";
 - a row whose training recipe changed between the two reports (its run identity's config) is not compared;
 - a report written before one-seed rows carried a seed part (its summary has no `single_seed_sd`) gets the other
   report's estimate added to its one-seed cells (σ for a value, σ√2 for a one-seed Δ, whose two sides each have
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.io import read_json
-from pipeline.measure import MACHINE_KEYS
+from pipeline.measure import MACHINE_KEYS, throughput_precision
 from pipeline.publish import REPORTS
 from pipeline.report import SIZE_METRICS, THROUGHPUTS
 from pipeline.study import load_study
@@ -72,9 +73,11 @@ def _tables(folder: Path) -> dict[str, Path]:
 
 
 def machine_difference(fresh: dict | None, ref: dict | None) -> str | None:
-    """None when both reports' throughputs were measured on the same kind of machine; else what differs."""
+    """None when both reports' throughputs were measured on the same kind of machine under the same precision
+    policy; else what differs."""
     if not fresh or not ref:
         return f"the {'fresh' if not fresh else 'reference'} report records no machine"
+    fresh, ref = ({**m, "precision": throughput_precision(m)} for m in (fresh, ref))
     diff = [f"{k} {_short(ref.get(k))} vs {_short(fresh.get(k))}" for k in MACHINE_KEYS if fresh.get(k) != ref.get(k)]
     return "; ".join(diff) or None
 

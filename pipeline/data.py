@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import auto_augment, create_transform, resolve_data_config
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset
 
@@ -187,6 +187,20 @@ def model_transform(model: torch.nn.Module, interpolation: str | None = None, cr
     over its pretrained_cfg: interpolation, crop_pct, crop_mode) unless the data config sets them."""
     cfg = resolve_data_config({"interpolation": interpolation, "crop_pct": crop_pct}, model=model)
     return {k: cfg[k] for k in ("interpolation", "crop_pct", "crop_mode")}
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's RandAugment posterize, at 0 bits too. RandAugment's strongest posterize keeps 0 bits (a black image: TF's
+    reference, timm's level mapping) and `rand-m9-mstd0.5-inc1` (DeiT's recipe, the paper profile's) reaches it for
+    about one image in 300; Pillow 13's ImageOps.posterize refuses 0 bits (ValueError), which would stop training on
+    its first batches. timm's ops look their function up by name when built: every posterize op is this one."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit cleared, what the LUT of 0 bits gives
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = auto_augment.posterize
+auto_augment.NAME_TO_OP.update({name: posterize for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")})
 
 
 # Decoded image-folder splits of this process, by (data hash, split, limit); None: too big for the cache.

@@ -11,6 +11,10 @@ the report's intervals are computed from them (pipeline.stats).
 A checkpoint whose recorded inputs differ from the run's current ones (config, data, teacher or init files,
 training code: pipeline.identity) is a stale result: it is an error naming what changed, never silently
 mixed in.
+
+Where: `evaluate.device` (cpu | cuda | auto) with `evaluate.workers` data workers; on either device the model runs
+channels_last in strict fp32 (pipeline.measure's `fp32` policy: no TF32, no autocast), so that an accuracy does
+not depend on the device's fast modes.
 """
 from __future__ import annotations
 
@@ -22,20 +26,35 @@ from pipeline import tracking
 from pipeline.adaptive import decision_examples, evaluate_adaptive
 from pipeline.data import build_loader, load_prepared, test_images
 from pipeline.io import model_from_checkpoint, read_json, save_predictions, write_json
-from pipeline.measure import count_macs, count_params, evaluate
+from pipeline.measure import count_macs, count_params, evaluate, precision_policy
 from pipeline.reparameterize import reparameterize_file
 from pipeline.study import Study, load_study
 
 
-def evaluate_run(study: Study, run: str, mlflow) -> dict:
+def evaluate_device(setting: str) -> torch.device:
+    """`evaluate.device` as a torch device: cpu, cuda, or auto (cuda when torch sees one); cuda on a machine
+    without one is an error that names the setting."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"evaluate: evaluate.device is {setting!r}; one of auto, cpu, cuda")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("evaluate: evaluate.device is cuda, but torch sees no CUDA device on this machine; run the "
+                         "evaluate jobs on a GPU, or set evaluate.device: cpu (or auto) in the profile")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def evaluate_run(study: Study, run: str, mlflow, device: torch.device) -> dict:
+    """One run's deploy model on the test set, on `device`; `run` calls it under the fp32 policy."""
     ckpt = study.current_checkpoint(run, study.deployed_model(run))
     prepared = load_prepared(study.data_dir)
-    model = model_from_checkpoint(ckpt).eval().to(memory_format=torch.channels_last)  # faster on CPU too
+    # channels_last: faster on CPU too
+    model = model_from_checkpoint(ckpt).eval().to(device, memory_format=torch.channels_last)
     img_size = ckpt.get("config", {}).get("img_size", study.settings["train"]["data"]["img_size"])
     transform = ckpt.get("config", {}).get("transform")  # image folders: the model's own eval transform
     loader = build_loader(prepared, "test", study.settings["evaluate"]["batch_size"], img_size, train=False,
-                          transform_cfg=transform)
-    acc = evaluate(model, loader, torch.device("cpu"), fmt=torch.channels_last)
+                          transform_cfg=transform, workers=study.settings["evaluate"]["workers"], device=device)
+    acc = evaluate(model, loader, device, fmt=torch.channels_last)
     save_predictions(study.predictions_path(run), acc["pred"], acc["label"])
     train_metrics = read_json(study.run_dir(run) / "metrics.json")
     result = {
@@ -46,13 +65,13 @@ def evaluate_run(study: Study, run: str, mlflow) -> dict:
         "train_top1": train_metrics["test_top1"], "train_images_per_s": train_metrics["train_images_per_s"],
         "train_run_id": train_metrics["run_id"], "identity": ckpt["identity"], "data_hash": prepared.data_hash,
         "seed": study.run_config(run).seed, "tables": study.tables_of(run), "test_images": len(acc["pred"]),
-        "predictions": str(study.predictions_path(run)),
+        "predictions": str(study.predictions_path(run)), "device": str(device), "precision": "fp32",
     }
     if study.is_adaptive(run):  # AdaViT: both paths, and the expected MACs the paper reports
         ada = evaluate_adaptive(model, loader)
         result.update(ada, macs=ada["expected_macs"]["mean"], macs_masked_path=result["macs"])
         n = study.settings["evaluate"]["decision_examples"]
-        images, labels = test_images(prepared, n, img_size, transform)
+        images, labels = (t.to(device) for t in test_images(prepared, n, img_size, transform))
         write_json(study.decisions_path(run), decision_examples(model, images, labels,
                                                                 model.patch_embed.patch_size[0]))
         mlflow.log_metrics({f"expected_macs/{run}": result["macs"], f"fast_path_top1/{run}": ada["fast_path"]["top1"]})
@@ -78,15 +97,18 @@ def job_runs(study: Study, job: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     study = load_study(args.profile, check_data=False)
+    device = evaluate_device(study.settings["evaluate"]["device"])
     runs = job_runs(study, args.job) if args.job else args.run or study.runs
     results = {}
-    with tracking.stage_run(study.profile, "evaluate", args.job or ",".join(args.run or ["all"])[:200]) as (mlflow, _):
+    # accuracy in strict fp32 on any device (module docstring)
+    with (tracking.stage_run(study.profile, "evaluate", args.job or ",".join(args.run or ["all"])[:200]) as (mlflow, _),
+          precision_policy("fp32", device)):
         for run in runs:
             if args.job and study.needs_reparameterize(run):  # the job's deploy models first, as the stage would
                 d = study.deploy_dir(run)
                 rep = reparameterize_file(study.model_path(run), study.data_dir, d / "model.pt", d / "reparam.json")
                 mlflow.log_metric(f"max_abs_logit_diff/{run}", rep["max_abs_logit_diff"])
-            results[run] = evaluate_run(study, run, mlflow)
+            results[run] = evaluate_run(study, run, mlflow, device)
             write_json(study.eval_path(run), results[run])
             print(f"[{run}] deploy test top-1 {results[run]['test_top1']:.2f} top-5 {results[run]['test_top5']:.2f}, "
                   f"{results[run]['params']:,} params, {results[run]['macs'] / 1e6:.1f} M MACs", flush=True)

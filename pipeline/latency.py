@@ -3,7 +3,8 @@
 A 12-layer ViT-B (no pooling, no head) is built up one component at a time: input embedding, +LN,
 +attention, +residual, +LN, +MLP, +residual. Each cumulative model is timed in one interleaved run
 (`pipeline.measure.measure_throughput`), and the token mixer's share is the latency that adding
-attention costs, over the full model's latency.
+attention costs, over the full model's latency. Under a precision policy (pipeline.measure; the paper profile's is
+tf32, params/paper.yaml says why), written in the record.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from timm.models.vision_transformer import Attention
 
 from pipeline import tracking
 from pipeline.io import write_json
-from pipeline.measure import device_name, measure_throughput
+from pipeline.measure import PRECISIONS, device_name, measure_throughput, precision_flags
 from pipeline.study import load_study
 
 STEPS = ["embedding", "+layernorm1", "+attention", "+residual1", "+layernorm2", "+mlp", "+residual2"]
@@ -56,18 +57,19 @@ class PartialViT(nn.Module):
         return self.blocks(self.patch_embed(x) + self.pos_embed)
 
 
-def latency_breakdown(batch_size: int, img_size: int, device: torch.device, dtype: torch.dtype,
+def latency_breakdown(batch_size: int, img_size: int, device: torch.device, precision: str,
                       warmup: int, repeats: int, iters: int, depth: int = 12) -> dict:
+    flags = precision_flags(precision, device)  # an unknown policy or tf32 on the CPU fails before building
     models = {step: PartialViT(i, img_size, depth).to(device) for i, step in enumerate(STEPS)}
-    batch = torch.randn(batch_size, 3, img_size, img_size, device=device, dtype=dtype)
-    samples = measure_throughput(models, batch, warmup, repeats, iters)
+    batch = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    samples = measure_throughput(models, batch, warmup, repeats, iters, precision=precision)
     # images/s -> ms per batch, round by round
     ms = {step: [1000 * batch_size / s for s in samples[step]] for step in STEPS}
     total = ms[STEPS[-1]]
     prev = STEPS[STEPS.index(TOKEN_MIXER_STEP) - 1]
     share = [(a - b) / t for a, b, t in zip(ms[TOKEN_MIXER_STEP], ms[prev], total, strict=True)]
     return {
-        "device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "device_name": device_name(device), "precision": flags,
         "batch_size": batch_size, "img_size": img_size, "depth": depth, "threads": torch.get_num_threads(),
         "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "torch": torch.__version__,
         "timm": timm.__version__,
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("latency-breakdown: give --out or --profile")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     result = latency_breakdown(args.batch_size, args.img_size, torch.device(args.device),
-                               getattr(torch, args.dtype), args.warmup, args.repeats, args.iters)
+                               args.precision, args.warmup, args.repeats, args.iters)
     write_json(args.out, result)
     if args.profile:
         with tracking.stage_run(args.profile, "latency-breakdown", "vit_b") as (mlflow, _):
@@ -114,7 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--device", default="cuda" if on_cuda else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="fp32 (strict: no TF32), tf32 (TF32 for matmuls and convolutions; CUDA only), bf16 / fp16 "
+                        "(autocast over fp32 weights)")
     p.add_argument("--threads", type=int, help="torch threads (default: the profile's, or torch's default)")
     p.add_argument("--profile", help="take the settings of params/<profile>.yaml `latency:` (and its output path)")
     p.add_argument("--out", help="JSON file to write")

@@ -10,6 +10,14 @@ Throughput: warm-up, then `repeats` rounds; in each round every model runs `iter
 rotated from round to round, so that all models see the same machine state. Each model's images/s is
 reported as median, min and max over rounds, and each ratio to the reference model is taken per round
 (the two timings of a round are adjacent) and summarised the same way.
+
+Precision: every timing runs under one policy (`precision_policy`), the same for every model of a run, written in
+its record. torch's defaults would mix precisions on CUDA (cuDNN's TF32 on, matmul's off): the 1x1-conv MLPs of
+PoolFormer / RIFormer / ConvFormer on TF32 tensor cores, the Linear layers of DeiT, AdaViT, LightViT, Swin, GFNet
+and CAFormer in strict fp32. `fp32`: TF32 off for both (strict); `tf32`: on for both; `bf16` / `fp16`: autocast
+(AMP) over fp32 weights, TF32 off for what autocast leaves in fp32. Every policy turns cuDNN's autotuner on
+(`cudnn.benchmark`, as timm's benchmark.py does) and restores torch's flags after. TF32 is a CUDA tensor-core mode:
+`tf32` on the CPU is refused (it would be an fp32 timing under another name).
 """
 from __future__ import annotations
 
@@ -22,13 +30,12 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
-from timm.utils import accuracy
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -86,8 +93,11 @@ def device_name(device: torch.device) -> str:
 # The CPU features that decide which kernels torch, oneDNN and ONNX Runtime run.
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-# What makes two throughput measurements comparable: the same of each (pipeline.compare).
-MACHINE_KEYS = ("cpu", "isa", "cpu_capability", "threads", "gpu", "torch", "onednn", "onnxruntime")
+# What makes two throughput measurements comparable: the same of each (pipeline.compare): the machine, and the
+# precision policy its benchmark record adds (`throughput_precision` reads a record from before the key).
+MACHINE_KEYS = ("cpu", "isa", "cpu_capability", "threads", "gpu", "torch", "onednn", "onnxruntime", "precision")
+# precision policy -> autocast dtype (None: fp32 kernels); see the module docstring
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def machine_record(device: torch.device) -> dict:
@@ -114,6 +124,44 @@ def machine_record(device: torch.device) -> dict:
             "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"}
 
 
+def throughput_precision(machine: dict) -> str:
+    """The precision policy of a benchmark's machine record. A record written before the policy existed timed
+    float32 tensors under torch's defaults: fp32 on the CPU (no TF32 there: the committed CPU reports), cuDNN's TF32
+    with fp32 matmuls on a GPU, which is no policy's."""
+    return machine.get("precision") or ("fp32" if not machine.get("gpu") else "torch defaults (cuDNN TF32 only)")
+
+
+def precision_flags(precision: str, device: torch.device) -> dict:
+    """What `precision_policy` sets, as a throughput record carries it: the policy, its autocast dtype and the CUDA
+    flags (null on the CPU, where no CUDA kernel runs). A ValueError for an unknown policy, or tf32 off CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision tf32 on {device.type}: TF32 is a CUDA tensor-core mode, and a {device.type} "
+                         f"timing under it would be an fp32 one under another name; use fp32 (or bf16 / fp16)")
+    amp, cuda = PRECISIONS[precision], device.type == "cuda"
+    return {"policy": precision, "autocast": str(amp).removeprefix("torch.") if amp else None,
+            "matmul_tf32": precision == "tf32" if cuda else None, "cudnn_tf32": precision == "tf32" if cuda else None,
+            "cudnn_benchmark": True if cuda else None}
+
+
+@contextmanager
+def precision_policy(precision: str, device: torch.device):
+    """Run the block under a precision policy (module docstring) and restore torch's flags after; yields
+    `precision_flags`."""
+    flags = precision_flags(precision, device)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    amp = PRECISIONS[precision]
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.benchmark = True
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            yield flags
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -122,13 +170,12 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_throughput(models: dict[str, nn.Module], batch: torch.Tensor | list[torch.Tensor],
                        warmup: int = 2, repeats: int = 7, iters: int = 3,
-                       progress: bool = True) -> dict[str, list[float]]:
-    """Images/s of each model per round, from one interleaved run (see module docstring). `batch` may be a
-    list of batches (e.g. single images): one iteration then runs them all."""
+                       progress: bool = True, precision: str = "fp32") -> dict[str, list[float]]:
+    """Images/s of each model per round, from one interleaved run under one precision policy (see module
+    docstring). `batch` may be a list of batches (e.g. single images): one iteration then runs them all."""
     batches = batch if isinstance(batch, list) else [batch]
-    device, dtype = batches[0].device, batches[0].dtype
+    device = batches[0].device
     n_images = sum(len(b) for b in batches)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     names = list(models)
     for model in models.values():
         model.eval()
@@ -138,7 +185,7 @@ def measure_throughput(models: dict[str, nn.Module], batch: torch.Tensor | list[
             for b in batches:
                 models[name](b)
 
-    with autocast:
+    with precision_policy(precision, device):
         for name in tqdm(names, desc="warm-up", disable=not progress, leave=False):
             run(name, warmup)
         _sync(device)
@@ -163,36 +210,38 @@ def ratios(samples: dict[str, list[float]], reference: str) -> dict[str, dict]:
 
 
 def benchmark_models(models: dict[str, nn.Module], input_shape: tuple[int, int, int], batch_size: int,
-                     device: torch.device, dtype: torch.dtype = torch.float32, warmup: int = 2,
+                     device: torch.device, precision: str = "fp32", warmup: int = 2,
                      repeats: int = 7, iters: int = 3, reference: str | None = None,
                      progress: bool = True, images: torch.Tensor | None = None,
                      onnxruntime: bool | list[str] = False) -> dict:
     """Params, MACs and interleaved throughput of several models, as one JSON-ready record. The batch is
     `images` (real test images: input-dependent models such as AdaViT need them) or random numbers.
     `onnxruntime` (True: every model; or a list of names): those models are also exported to ONNX and timed in
-    ONNX Runtime in the same rounds (CPU, fp32), as `name [onnxruntime]`."""
+    ONNX Runtime in the same rounds (CPU, fp32), as `name [onnxruntime]`. `precision`: the policy every model
+    runs under (module docstring); the batch stays fp32, as are the weights."""
+    flags = precision_flags(precision, device)  # an unknown policy or tf32 on the CPU fails before the MACs
     rows = {name: {"params": count_params(m), "macs": count_macs(m, input_shape)} for name, m in models.items()}
     models = {name: m.to(device) for name, m in models.items()}
     if device.type == "cuda":
         models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
-    batch = (images[:batch_size].to(device, dtype) if images is not None
-             else torch.randn(batch_size, *input_shape, device=device, dtype=dtype))
+    batch = (images[:batch_size].to(device, torch.float32) if images is not None
+             else torch.randn(batch_size, *input_shape, device=device))
     with tempfile.TemporaryDirectory() as tmp:
         if onnxruntime:
-            if device.type != "cpu" or dtype != torch.float32:
-                raise ValueError("onnxruntime: CPU and float32 only")
+            if device.type != "cpu" or precision != "fp32":
+                raise ValueError("onnxruntime: CPU and precision fp32 only")
             names = list(models) if onnxruntime is True else onnxruntime
             models.update(onnx_pair({n: models[n] for n in names}, batch[:2], Path(tmp), torch.get_num_threads()))
             rows.update({name + ORT: dict(rows[name]) for name in names})
-        samples = measure_throughput(models, batch, warmup, repeats, iters, progress)
+        samples = measure_throughput(models, batch, warmup, repeats, iters, progress, precision)
     for name, s in samples.items():
         rows[name]["throughput"] = summarize(s)
     if reference is not None:
         for name, r in ratios(samples, reference).items():
             rows[name]["ratio_to_reference"] = r
     return {
-        "device": str(device), "device_name": device_name(device), "machine": machine_record(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "device_name": device_name(device),
+        "machine": {**machine_record(device), "precision": precision}, "precision": flags,
         "batch_size": batch_size, "input_shape": list(input_shape), "threads": torch.get_num_threads(),
         "warmup": warmup, "repeats": repeats, "iters_per_repeat": iters, "reference": reference,
         "torch": torch.__version__, "timm": timm.__version__, "models": rows,
@@ -275,19 +324,22 @@ def max_logit_difference(a: nn.Module, b: nn.Module, batches) -> dict:
 def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontext,
              fmt: torch.memory_format = torch.contiguous_format) -> dict:
     """Top-1 and top-5 (%), mean cross-entropy, and each image's predicted class and label (`pred`, `label`).
-    `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too)."""
+    `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too). The sums stay on the device
+    until the end: no wait for it per batch."""
     model.eval()
-    n, top1, top5, loss, preds, targets = 0, 0.0, 0.0, 0.0, [], []
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, cross-entropy
+    preds, targets = [], []
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         images = images.contiguous(memory_format=fmt)
         with autocast():
             logits = model(images)
         logits = logits.float()
-        a1, a5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
-        b = len(labels)
-        n, top1, top5 = n + b, top1 + a1.item() * b, top5 + a5.item() * b
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        preds.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": torch.cat(preds), "label": torch.cat(targets)}
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum(),
+                             nn.functional.cross_entropy(logits, labels, reduction="sum")]).double()
+        preds.append(logits.argmax(1))
+        targets.append(labels)
+    pred, label = torch.cat(preds).cpu(), torch.cat(targets).cpu()
+    top1, top5, loss = (sums / len(label)).tolist()
+    return {"top1": 100 * top1, "top5": 100 * top5, "loss": loss, "pred": pred, "label": label}

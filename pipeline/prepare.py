@@ -6,8 +6,8 @@ Two sources:
   the decompressed bytes (the Debian package recompresses the .gz files). The prepared copy is uint8
   tensors, which train fast on a CPU.
 - `imagefolder`: ImageNet-style `train/<class>/*` and `val/<class>/*`. Validated (same classes in both
-  splits, no empty class folder, every image readable) and indexed; training reads the images through
-  timm's transforms.
+  splits, no empty class folder, every image readable to the depth `data.check_images` asks: none, header,
+  full) by a pool of threads, and indexed; training reads the images through timm's transforms.
 
 The prepared folder holds `meta.json` with a content hash (`data_hash`) that every downstream run records.
 It is written to a temporary folder and renamed into place, so a killed run never leaves a half-written
@@ -24,6 +24,8 @@ import shutil
 import struct
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +48,9 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot"]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+# data.check_images: how much of each image file prepare-data reads (scan_imagefolder)
+CHECK_MODES = ("none", "header", "full")
+CHUNK = 256  # files per task of the scan's threads: few enough tasks for 1.28 M files, enough to share them out
 
 
 # ----------------------------------------------------------------------------------------------- IDX files
@@ -111,28 +116,47 @@ def stratified_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.T
 
 
 # -------------------------------------------------------------------------------------------- image folders
-def scan_imagefolder(root: str | os.PathLike, check_images: bool = True) -> dict:
-    """Validate `root/train/<class>/*` and `root/val/<class>/*`; return an index of (path, label)."""
-    root = Path(root)
+def scan_imagefolder(root: str | os.PathLike, check_images: str = "header", workers: int | None = None) -> dict:
+    """Validate `root/train/<class>/*` and `root/val/<class>/*`; return an index of (path, label), sorted, with each
+    file's size in bytes (`sizes`, the dataset's identity: _prepare_imagefolder).
+
+    `check_images` is how much of each file is read: `none` nothing (the folder structure and the sizes only; an
+    empty file is still refused), `header` the header (PIL's verify(): a truncated JPEG passes, and fails when
+    training reaches it), `full` every pixel (decoded to RGB as training does). `workers` threads (default: one per
+    CPU) list the folders and check the files: file I/O and PIL's decoders release the GIL. Every problem found is
+    listed in one DataError."""
+    root, check = Path(root), check_mode(check_images)
     classes = _class_folders(root)
-    splits, problems = {}, []
-    for split in ("train", "val"):
-        items = []
-        for label, cls in enumerate(classes):
-            files = sorted(p for p in (root / split / cls).iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
+    folders = [(split, label, cls) for split in ("train", "val") for label, cls in enumerate(classes)]
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        listed = list(pool.map(_image_files, [root / split / cls for split, _, cls in folders]))
+        splits, problems = {"train": [], "val": []}, []
+        for (split, label, cls), names in zip(folders, listed, strict=True):
+            if not names:
                 problems.append(f"{root / split / cls}: empty class folder (no image files)")
-            items += [(str(p.relative_to(root)), label) for p in files]
-        if check_images:
-            problems += [p for rel, _ in tqdm(items, desc=f"check {split} images", leave=False)
-                         if (p := _image_problem(root / rel))]
-        splits[split] = items
+            splits[split] += [(os.path.join(split, cls, name), label) for name in names]
+        rels = [rel for items in splits.values() for rel, _ in items]
+        sizes = {}
+        with tqdm(total=len(rels), desc=f"check images ({check})", unit="file", delay=2, leave=False) as bar:
+            chunks = [rels[i:i + CHUNK] for i in range(0, len(rels), CHUNK)]
+            for chunk, checked in zip(chunks, pool.map(partial(_check_files, root, check), chunks), strict=True):
+                for rel, (size, problem) in zip(chunk, checked, strict=True):
+                    sizes[rel] = size
+                    problems += [problem] if problem else []
+                bar.update(len(chunk))
     if problems:
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         raise DataError(f"{root}: {len(problems)} problem(s) in the image folders:\n  {shown}{more}")
-    return {"classes": classes, "train": splits["train"], "test": splits["val"]}
+    return {"classes": classes, "train": splits["train"], "test": splits["val"], "sizes": sizes}
+
+
+def check_mode(check_images: str | bool) -> str:
+    """A valid data.check_images mode (True and False, the former switch, read as header and none)."""
+    mode = {True: "header", False: "none"}.get(check_images, check_images)
+    if mode not in CHECK_MODES:
+        raise DataError(f"check_images {check_images!r}: unknown mode; one of {', '.join(CHECK_MODES)}")
+    return mode
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -155,25 +179,41 @@ def _class_folders(root: Path) -> list[str]:
     return class_lists["train"]
 
 
-def _image_problem(path: Path) -> str | None:
-    """What is wrong with an image file (None when PIL reads it)."""
+def _image_files(folder: Path) -> list[str]:
+    """The sorted names of a class folder's image files (scandir: no stat per file)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+
+
+def _check_files(root: Path, check: str, rels: list[str]) -> list[tuple[int, str | None]]:
+    return [_image_problem(root / rel, check) for rel in rels]
+
+
+def _image_problem(path: Path, check: str) -> tuple[int, str | None]:
+    """The file's size and what is wrong with it (None when PIL reads it to the depth `check` asks)."""
+    size = path.stat().st_size
+    if size == 0:
+        return size, f"{path}: unreadable image (empty file)"
+    if check == "none":
+        return size, None
     try:
-        if path.stat().st_size == 0:
-            raise OSError("empty file")
         with Image.open(path) as im:
             if im.mode not in EIGHT_BIT_MODES:
-                return (f"{path}: image mode {im.mode} (more than 8 bits per channel, or float): decoding it to 8-bit "
-                        f"RGB would clip its values; convert it to 8 bits per channel")
-            im.verify()
+                return size, (f"{path}: image mode {im.mode} (more than 8 bits per channel, or float): decoding it to "
+                              f"8-bit RGB would clip its values; convert it to 8 bits per channel")
+            if check == "header":
+                im.verify()
+            else:
+                im.convert("RGB")  # decodes every pixel, as training does
     except Exception as e:  # PIL raises many types for broken files
-        return f"{path}: unreadable image ({type(e).__name__}: {e})"
-    return None
+        return size, f"{path}: unreadable image ({type(e).__name__}: {e})"
+    return size, None
 
 
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(source: str, out: str | os.PathLike, raw_dir: str | None = None, root: str | None = None,
             train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-            check_images: bool = True, verify: bool = True) -> dict:
+            check_images: str = "header", workers: int | None = None, verify: bool = True) -> dict:
     """Write the prepared copy of a dataset to `out` (atomically: into a temporary folder renamed into place) and
     return its meta.json."""
     out = Path(out)
@@ -187,7 +227,8 @@ def prepare(source: str, out: str | os.PathLike, raw_dir: str | None = None, roo
         elif source == "imagefolder":
             if not root:
                 raise DataError("imagefolder source needs a dataset root (data.root in params or --root)")
-            meta = _prepare_imagefolder(tmp, Path(root), scan_imagefolder(root, check_images), subsets, seed)
+            meta = _prepare_imagefolder(tmp, Path(root), scan_imagefolder(root, check_images, workers), subsets,
+                                        seed)
         else:
             raise DataError(f"unknown data source {source!r} (fashion-mnist | imagefolder)")
         meta.update(train_subset=train_subset, test_subset=test_subset, subset_seed=seed)
@@ -217,8 +258,11 @@ def _prepare_fashion_mnist(folder: Path, splits: dict, subsets: dict, seed: int)
 
 
 def _prepare_imagefolder(folder: Path, root: Path, index: dict, subsets: dict, seed: int) -> dict:
-    """The (subset) index of the image files as index.json; its meta, hashed over the index and the files' sizes
-    and modification times (which stand in for the bytes of a huge dataset)."""
+    """The (subset) index of the image files as index.json; its meta, hashed over the index (paths relative to the
+    root, labels) and the files' sizes, which stand in for the bytes of a huge dataset. Neither the root nor the
+    modification times enter the hash, so a copy of the folder elsewhere (a node's scratch disk) is the same data and
+    its checkpoints and results stay valid; the price: a file rewritten with the same size is not noticed."""
+    sizes = index.pop("sizes")
     for split, n in subsets.items():
         labels = torch.tensor([label for _, label in index[split]])
         index[split] = [index[split][i] for i in stratified_subset(labels, n, seed).tolist()]
@@ -226,8 +270,7 @@ def _prepare_imagefolder(folder: Path, root: Path, index: dict, subsets: dict, s
     index_sha256 = hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()  # checked when read
     h = hashlib.sha256(json.dumps(index, sort_keys=True).encode())
     for rel, _ in index["train"] + index["test"]:
-        st = (root / rel).stat()
-        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{rel}:{sizes[rel]}".encode())
     return {"source": "imagefolder", "format": "imagefolder", "root": str(root.resolve()),
             "classes": index["classes"], "num_classes": len(index["classes"]), "in_chans": 3,
             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -242,12 +285,13 @@ def run(args: argparse.Namespace) -> dict:
         d = study.settings["data"]
         args.source, args.raw_dir, args.root = d["source"], d.get("raw_dir"), d.get("root")
         args.train_subset, args.test_subset, args.seed = d.get("train_subset"), d.get("test_subset"), d["seed"]
+        args.check_images = args.check_images or d.get("check_images")  # the command line's, if given, wins
         args.out = args.out or study.data_dir
     if not args.out:
         raise SystemExit("prepare-data: give --out or --profile")
     meta = prepare(args.source, args.out, raw_dir=args.raw_dir, root=args.root, train_subset=args.train_subset,
-                   test_subset=args.test_subset, seed=args.seed, check_images=not args.skip_image_check,
-                   verify=not args.no_verify)
+                   test_subset=args.test_subset, seed=args.seed, check_images=args.check_images or "header",
+                   workers=args.workers, verify=not args.no_verify)
     print(f"prepared {meta['source']}: {meta['counts']} -> {args.out} (data_hash {meta['data_hash'][:12]})")
     if args.profile:
         with tracking.stage_run(args.profile, "prepare-data", meta["source"]) as (mlflow, _):
@@ -266,6 +310,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the Fashion-MNIST checksums (other data in the same IDX format)")
-    p.add_argument("--skip-image-check", action="store_true", help="do not open every image while validating")
+    p.add_argument("--check-images", choices=CHECK_MODES,
+                   help="how much of each image to read: none, header, full (default: the profile's, else header)")
+    p.add_argument("--skip-image-check", dest="check_images", action="store_const", const="none",
+                   help="same as --check-images none")
+    p.add_argument("--workers", type=int, help="threads that check the images (default: one per CPU)")
     p.add_argument("--profile", help="take the data settings of params/<profile>.yaml (validated first)")
     p.add_argument("--out", help="prepared dataset folder to write (default with --profile: results/<profile>/data)")

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline import figures, regime, tracking
 from pipeline.io import atomic_dir, atomic_path, load_predictions, read_json, write_json
-from pipeline.measure import ORT
+from pipeline.measure import ORT, throughput_precision
 from pipeline.models.adavit import fast_path_label
 from pipeline.repo import git_state
 from pipeline.stats import (
@@ -702,7 +702,8 @@ def machine_line(m: dict | None) -> str:
         return "not recorded"
     return (f"{m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']} ({m['cpu_capability']}; "
             f"{' '.join(m['isa']) or 'no x86 SIMD flags'}), {m['threads']} threads of {m['cores']} cores; "
-            f"torch {m['torch']}, oneDNN {m['onednn']}, ONNX Runtime {m['onnxruntime']}")
+            f"torch {m['torch']}, oneDNN {m['onednn']}, ONNX Runtime {m['onnxruntime']}; "
+            f"precision {throughput_precision(m)}")
 
 
 def _seeds_needed(iv: Interval | None, paper: float | None, results: Results) -> str:

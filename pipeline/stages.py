@@ -93,10 +93,22 @@ def run_config_json(study: Study, run: str) -> str:
     return _json(config)
 
 
+def on_gpus(resources: dict, launcher: str = "python -m pipeline", share: int = 1) -> str:
+    """`launcher` under pipeline.gpus when the job asks for GPUs: a local driver (Snakemake, dvc repro) gives its
+    parallel jobs no GPUs of their own, the wrapper does (a Slurm job sees only its own GPUs, and it takes them all).
+    `share`: jobs that may run on one GPU at once (a measurement: 1, alone on its GPU)."""
+    n = resources.get("gpu", 0)
+    return f"python -m pipeline.gpus --gpus {n} --share {share} -- {launcher}" if n else launcher
+
+
+def _train_launcher(study: Study) -> str:
+    return on_gpus(study.train_resources, study.train_launcher, study.settings["train"]["jobs_per_gpu"])
+
+
 def teacher_stage(study: Study) -> Stage:
     return Stage("train-teacher", "train --profile {profile} --run {run} --no-progress", [str(study.data_dir)],
                  **_training(study, ["{run}"]), params=TRAIN_SECTIONS, study_keys=["teachers.{run}"],
-                 settings={t: run_config_json(study, t) for t in study.teacher_runs}, launcher=study.train_launcher,
+                 settings={t: run_config_json(study, t) for t in study.teacher_runs}, launcher=_train_launcher(study),
                  threads="train", foreach=study.teacher_runs, log="train/{run}", priority=WAITED_FOR,
                  resources=study.train_resources)
 
@@ -120,7 +132,7 @@ def student_stages(study: Study) -> list[Stage]:
         out.append(Stage(f"train-{job}", f"train --profile {{profile}} --run {' '.join(runs)} --no-progress",
                          [str(study.data_dir), *teachers], **_training(study, runs), params=TRAIN_SECTIONS,
                          study_keys=[f"variants.{v}" for v in sorted({study.variant_of(r) for r in runs})],
-                         settings=_json([run_config_json(study, r) for r in runs]), launcher=study.train_launcher,
+                         settings=_json([run_config_json(study, r) for r in runs]), launcher=_train_launcher(study),
                          threads="train", log=f"train/{job}", priority=job_priority(study, runs),
                          resources=study.train_resources))
     return out
@@ -134,8 +146,10 @@ def _gpu(measurement: dict) -> dict:
 def evaluate_stages(study: Study) -> list[Stage]:
     """One job per training job (the teachers: one job for all of them), one thread each: it re-parameterizes the
     job's affine students and evaluates its runs while the other training jobs run, instead of one evaluation of
-    every run after the last training job."""
+    every run after the last training job. With `evaluate.device: cuda` each job asks for a GPU (auto asks for
+    none: it takes one if the job sees one)."""
     jobs = {"teachers": study.teacher_runs, **study.train_batches}
+    gpu = _gpu(study.settings["evaluate"])
     out = []
     for job, runs in jobs.items():
         affine = [r for r in runs if study.needs_reparameterize(r)]
@@ -148,7 +162,7 @@ def evaluate_stages(study: Study) -> list[Stage]:
                          metrics=[*_str(study.deploy_dir(r) / "reparam.json" for r in affine),
                                   *_str(study.eval_path(r) for r in runs)],
                          params=["evaluate"], settings=_json(study.settings["evaluate"]), threads="one",
-                         log=f"evaluate/{job}"))
+                         log=f"evaluate/{job}", launcher=on_gpus(gpu), resources=gpu))
     return out
 
 
@@ -161,6 +175,7 @@ def benchmark_stage(study: Study) -> Stage:
                  [str(study.data_dir), *_str(study.deployed_model(r) for r in first),
                   *_str(study.model_path(r) for r in affine)], [], metrics=[str(study.benchmark_path)],
                  params=["evaluate"], settings=_json(study.settings["evaluate"]), log="benchmark",
+                 launcher=on_gpus(_gpu(study.settings["evaluate"]["benchmark"])),
                  resources=_gpu(study.settings["evaluate"]["benchmark"]))
 
 
@@ -184,7 +199,8 @@ def export_stages(study: Study) -> list[Stage]:
 def latency_stage(study: Study) -> Stage:
     return Stage("latency-breakdown", "latency-breakdown --profile {profile}", [], [],
                  metrics=[str(study.latency_path)], params=["latency"], settings=_json(study.settings["latency"]),
-                 log="latency_breakdown", resources=_gpu(study.settings["latency"]))
+                 log="latency_breakdown", launcher=on_gpus(_gpu(study.settings["latency"])),
+                 resources=_gpu(study.settings["latency"]))
 
 
 def report_stage(study: Study) -> Stage:

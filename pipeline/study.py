@@ -33,7 +33,7 @@ PAPER_RESULTS = PARAMS / "paper_results.csv"  # the paper's numbers, beside whic
 NOT_PROFILES = ("defaults", "study")  # params/ files that are not profiles
 # Keys of the `train` section that describe a training job, not a run: how its runs are grouped and launched, and
 # what it asks a cluster for. They change neither a run's config nor its identity.
-JOB_KEYS = ("runs_per_job", "nproc", "gpus", "mem_mb", "runtime")
+JOB_KEYS = ("runs_per_job", "nproc", "gpus", "jobs_per_gpu", "mem_mb", "runtime")
 # The report's figures: results/<profile>/report/figures/<name>.{png,pdf} (pipeline.figures draws them).
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
            "reparameterization_error", "adavit_decisions"]

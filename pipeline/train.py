@@ -633,6 +633,8 @@ def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
         top1, top5, loss, n = totals.tolist()
         row.update({"test/top1": top1 / n, "test/top5": top5 / n, "test/loss": loss / n})
     row["epoch_time_s"] = time.perf_counter() - t0
+    if s.device.type == "cuda":  # this process's peak, over the run so far
+        row["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     return row
 
 

@@ -127,6 +127,18 @@ def test_fast_path_equals_masked_path(batch):
         model.train().forward_fast(x)
 
 
+def test_fast_path_runs_under_autocast():
+    """A bf16 / fp16 throughput (pipeline.measure's precision policy) times the fast path under autocast: its
+    branches answer in bf16 into the fp32 residual stream."""
+    model = mixed_model()
+    x = torch.randn(16, 1, 32, 32)
+    with torch.no_grad():
+        fp32 = model.forward_fast(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.forward_fast(x)
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.05, rtol=0.05)
+
+
 def test_head_decisions_select_the_mlp_input_channels():
     """The reference's width select: a dropped head's d channels of norm2's output are zero at fc1's input."""
     model = mixed_model()

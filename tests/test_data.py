@@ -246,3 +246,14 @@ def test_imagefolder_batches_with_workers_under_forkserver_are_those_of_one_proc
         for (x0, y0), (x1, y1) in zip(e0, e1, strict=True):
             assert x0.dtype == torch.float32 and torch.equal(x0, x1) and torch.equal(y0, y1)
     assert not torch.equal(alone[0][0][0], alone[1][0][0])  # another epoch, other draws
+
+
+def test_randaugment_strongest_posterize_gives_a_black_image_instead_of_an_error():
+    """rand-m9-mstd0.5-inc1 (the paper profile's) reaches posterize with 0 bits kept for about one image in 300: Pillow
+    13 refuses 0 bits, so without pipeline.data's posterize the first ImageNet batches would fail."""
+    import numpy as np
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(AugmentOp("PosterizeIncreasing", 1.0, 10)(image)).max() == 0  # 0 bits kept
+    assert np.asarray(AugmentOp("PosterizeIncreasing", 1.0, 5)(image)).max() == 192  # 2 bits kept: timm's own

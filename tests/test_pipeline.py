@@ -340,6 +340,41 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     assert "T2/identity-label-hard/top1" in summary["missing"]  # runs that did not run show as missing
 
 
+def test_gpu_profile_plans_for_one_gpu_and_runs_one_batch_on_cpu(tmp_path):
+    """The gpu profile: every training job shares the GPU (8 jobs at once) through the GPU wrapper, evaluation and the
+    measurements take it whole; one batch of a teacher, the imitation teacher and a distilled, imitating student
+    trains on the CPU with the profile's other settings."""
+    ws = make_workspace(tmp_path / "ws")
+    study = load_study("gpu", params=ws / "params", check_data=False)
+    plan = sh(ws, "snakemake", "-n", "-p", "--cores", "16", "--config", "profile=gpu")
+    jobs = planned_jobs(plan)
+    assert sum(student_jobs(jobs).values()) == len(study.train_batches) and jobs["train_teacher"] == 9
+    commands = [line.removeprefix("Shell command: ") for line in plan.splitlines() if line.startswith("Shell command")]
+    train = [c for c in commands if " -m pipeline train --profile gpu " in c]
+    assert len(train) == len(study.train_batches) + 9
+    assert all(c.startswith("python -m pipeline.gpus --gpus 1 --share 8 -- python -m pipeline train") for c in train)
+    for stage in ("evaluate", "benchmark", "latency-breakdown"):
+        launched = [c for c in commands if f" -m pipeline {stage} --profile gpu" in c]
+        assert launched and all(c.startswith("python -m pipeline.gpus --gpus 1 --share 1 -- ") for c in launched)
+    assert study.settings["data"]["train_subset"] is None and study.settings["seeds"] == [0, 1, 2]
+
+    def one_batch(d):
+        d["train"].update(device="cpu", threads=2)
+        d["train"]["data"].update(batch_size=4, eval_batch_size=4, train_limit=4, test_limit=4)
+        d["train"]["optim"].update(epochs=1, warmup_epochs=0)
+        for run in d["runs"].values():
+            run.pop("optim", None)
+        d["teacher_train"] = {}
+    set_params(ws, "params/gpu.yaml", one_batch)
+    py = ["python", "-m", "pipeline"]
+    sh(ws, *py, "prepare-data", "--profile", "gpu")
+    sh(ws, *py, "train", "--profile", "gpu", "--run", "gfnet", "pooling-ce", "--no-progress")
+    sh(ws, *py, "train", "--profile", "gpu", "--run", "affine-mi-partial", "--no-progress")
+    metrics = json.loads((ws / "results/gpu/runs/affine-mi-partial/metrics.json").read_text())
+    assert metrics["model"] == "riformer_nano" and metrics["epochs"] == 1
+    assert json.loads((ws / "results/gpu/data/meta.json").read_text())["counts"] == {"train": 60_000, "test": 10_000}
+
+
 def test_queued_dvc_experiments_run_two_at_a_time_into_one_mlflow_store(tmp_path):
     """`dvc exp run --queue` + `dvc queue start -j 2`: two experiments of the smoke profile (a teacher at two batch
     sizes), each in DVC's temporary copy of the repository, at the same time, logging to the workspace's store."""

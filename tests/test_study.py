@@ -105,7 +105,7 @@ def test_study_errors(params, update, message):
 
 
 def test_unknown_profile_and_table(params):
-    with pytest.raises(StudyError, match="unknown profile 'huge'.*profiles: default, paper, smoke"):
+    with pytest.raises(StudyError, match="unknown profile 'huge'.*profiles: default, gpu, paper, smoke"):
         load_study("huge", params=params)
     with pytest.raises(StudyError, match="unknown profile 'study'"):
         load_study("study", params=params)

@@ -200,7 +200,8 @@ class AdaBlock(nn.Module):
             return x, dec
         h = self.norm1(x)
         patch = x.new_zeros(B, N - 1)
-        patch[active] = self._decide("patch", self.patch_select(h[active][:, 1:]).squeeze(-1))
+        # under autocast the decision head answers in bf16 / fp16
+        patch[active] = self._decide("patch", self.patch_select(h[active][:, 1:]).squeeze(-1)).to(patch.dtype)
         dec["patch"] = patch
         keep = torch.cat([torch.ones_like(patch[:, :1], dtype=torch.bool), patch > 0], dim=1)
         idx, valid = _gather_index(keep)
@@ -308,6 +309,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _scatter_add(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     index = idx[..., None].expand(-1, -1, x.shape[-1])
+    values = values.to(x.dtype)  # under autocast the branch answers in bf16 / fp16; the residual stream is fp32
     if len(rows) == len(x):  # every sample: in place, no copy
         x.scatter_add_(1, index, values)
     else:
