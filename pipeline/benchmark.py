@@ -17,7 +17,7 @@ from pipeline import tracking
 from pipeline.adaptive import adaptive_speedup
 from pipeline.data import load_prepared, test_images
 from pipeline.io import load_checkpoint, model_from_checkpoint, write_json
-from pipeline.measure import PRECISIONS, benchmark_models, print_benchmark
+from pipeline.measure import PRECISIONS, benchmark_models, print_benchmark, setting_device
 from pipeline.models import create_model
 from pipeline.models.adavit import FastPath, fast_path_label
 from pipeline.study import load_study
@@ -74,7 +74,7 @@ def study_benchmark(study, threads: int | None = None) -> dict:
     in_chans = prepared.meta["in_chans"]
     img = study.settings["train"]["data"]["img_size"]
     images = test_images(prepared, max(b["batch_size"], b["adaptive"]["images"] if adaptive else 0), img)[0]
-    device, precision = torch.device(b["device"]), b["precision"]
+    device, precision = setting_device(b["device"], "evaluate.benchmark.device"), b["precision"]
     result = benchmark_models(models, (in_chans, img, img), b["batch_size"], device, precision, b["warmup"],
                               b["repeats"], b["iters"], reference=runs[reference_run], images=images,
                               onnxruntime=_onnx_twins(study, runs, reference_run))
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.protocol == "paper":
         args.batch_size, args.img_size, args.iters, args.repeats = 2048, 224, 30, 3
     precision = args.precision or ("tf32" if args.protocol == "paper" else "fp32")
-    device = torch.device(args.device)
+    device = setting_device(args.device, "--device")
     models = {spec: build_model(spec, args.num_classes, args.in_chans, args.img_size, args.decision_bias)
               for spec in args.models}
     reference = args.reference or args.models[0]

@@ -26,22 +26,9 @@ from pipeline import tracking
 from pipeline.adaptive import decision_examples, evaluate_adaptive
 from pipeline.data import build_loader, load_prepared, test_images
 from pipeline.io import model_from_checkpoint, read_json, save_predictions, write_json
-from pipeline.measure import count_macs, count_params, evaluate, precision_policy
+from pipeline.measure import count_macs, count_params, evaluate, precision_policy, setting_device
 from pipeline.reparameterize import reparameterize_file
 from pipeline.study import Study, load_study
-
-
-def evaluate_device(setting: str) -> torch.device:
-    """`evaluate.device` as a torch device: cpu, cuda, or auto (cuda when torch sees one); cuda on a machine
-    without one is an error that names the setting."""
-    if setting not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"evaluate: evaluate.device is {setting!r}; one of auto, cpu, cuda")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("evaluate: evaluate.device is cuda, but torch sees no CUDA device on this machine; run the "
-                         "evaluate jobs on a GPU, or set evaluate.device: cpu (or auto) in the profile")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def evaluate_run(study: Study, run: str, mlflow, device: torch.device) -> dict:
@@ -97,7 +84,7 @@ def job_runs(study: Study, job: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     study = load_study(args.profile, check_data=False)
-    device = evaluate_device(study.settings["evaluate"]["device"])
+    device = setting_device(study.settings["evaluate"]["device"], "evaluate.device")
     runs = job_runs(study, args.job) if args.job else args.run or study.runs
     results = {}
     # accuracy in strict fp32 on any device (module docstring)

@@ -84,7 +84,7 @@ def claim(gpus: list[str], n: int, share: int, folder: Path) -> tuple[list[str],
             return None
         taken = room[:n]
         slots = [min(set(range(share)) - claimed[g]) for g in taken]
-        return taken, [_try_lock(folder / f"{_key(g)}.{s}.lock") for g, s in zip(taken, slots)]
+        return taken, [_try_lock(folder / f"{_key(g)}.{s}.lock") for g, s in zip(taken, slots, strict=True)]
     finally:
         os.close(mutex)
 

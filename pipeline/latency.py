@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Attention
 
 from pipeline import tracking
 from pipeline.io import write_json
-from pipeline.measure import PRECISIONS, device_name, measure_throughput, precision_flags
+from pipeline.measure import PRECISIONS, device_name, measure_throughput, precision_flags, setting_device
 from pipeline.study import load_study
 
 STEPS = ["embedding", "+layernorm1", "+attention", "+residual1", "+layernorm2", "+mlp", "+residual2"]
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.out:
         raise SystemExit("latency-breakdown: give --out or --profile")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    result = latency_breakdown(args.batch_size, args.img_size, torch.device(args.device),
+    result = latency_breakdown(args.batch_size, args.img_size, setting_device(args.device, "latency.device"),
                                args.precision, args.warmup, args.repeats, args.iters)
     write_json(args.out, result)
     if args.profile:

@@ -162,6 +162,19 @@ def precision_policy(precision: str, device: torch.device):
          torch.backends.cudnn.benchmark) = saved
 
 
+def setting_device(setting: str, key: str) -> torch.device:
+    """A profile's device setting (`key`, e.g. evaluate.device) as a torch device: cpu, cuda, or auto (cuda when
+    torch sees one); cuda on a machine without one is an error that names the setting."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"{key} is {setting!r}; one of auto, cpu, cuda")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{key} is cuda, but torch sees no CUDA device on this machine; run this job on a GPU, or "
+                         f"set {key}: cpu (or auto) in the profile")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

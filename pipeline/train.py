@@ -83,7 +83,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+        raise RuntimeError("device is cuda (train.device in a profile), but torch sees no CUDA device on this machine: "
+                           "run the job on a GPU, or set train.device: cpu (or auto)")
     rk = ranks()
     if name == "cuda" and rk.world > 1:
         return torch.device("cuda", rk.local)  # one GPU per process

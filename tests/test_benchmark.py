@@ -176,14 +176,14 @@ def test_evaluate_device_setting(monkeypatch):
     """evaluate.device: cuda on a machine without CUDA is an error naming the setting; auto falls back to cpu."""
     import pytest
 
-    from pipeline.evaluate import evaluate_device
+    from pipeline.measure import setting_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="evaluate.device is cuda"):
-        evaluate_device("cuda")
-    with pytest.raises(SystemExit, match="evaluate.device is 'gpu'"):
-        evaluate_device("gpu")
-    assert evaluate_device("auto") == evaluate_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="evaluate.device is cuda, but torch sees no CUDA device"):
+        setting_device("cuda", "evaluate.device")
+    with pytest.raises(SystemExit, match="latency.device is 'gpu'"):
+        setting_device("gpu", "latency.device")
+    assert setting_device("auto", "x") == setting_device("cpu", "x") == torch.device("cpu")
 
 
 def test_paper_profile_evaluates_on_a_gpu_and_times_in_tf32():

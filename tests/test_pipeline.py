@@ -288,6 +288,10 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
     study = load_study("paper", check_data=False)
     assert sum(student_jobs(jobs).values()) == len(study.student_runs) == len(study.train_batches)
     assert jobs["train_teacher"] == len(study.teacher_runs) and jobs["report"] == 1
+    # a job without a GPU fails at once (not 8 CPU processes for days); no deterministic kernels on GPUs
+    configs = [study.run_config(r) for r in study.runs]
+    assert all(c.device == "cuda" and not c.deterministic for c in configs)
+    assert study.settings["data"]["check_images"] == "full"  # a truncated JPEG found before training, not in it
     set_params(ws, "params.yaml", lambda d: d.update(profile="paper"))
     set_params(ws, "params/paper.yaml", lambda d: d["data"].update(root=str(data)))
     sh(ws, "python", "-m", "pipeline", "dvc-yaml", "--profile", "paper")

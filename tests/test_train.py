@@ -138,7 +138,8 @@ def test_non_finite_loss_fails_the_run(small_fashion_mnist, tmp_path, mlflow_sto
 
     monkeypatch.setattr(losses.DistillationLoss, "forward", nan_loss)
     cfg = tiny_config(small_fashion_mnist, name="diverges")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, in steps 1-\d+ \(sums of the terms: loss=nan, ce=nan\)"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite loss at epoch 1, in steps 1-\d+ \(sums of the terms: loss=nan, ce=nan\)"):
         train(cfg, tmp_path / "run", experiment="test-nan", progress=False)
     client = MlflowClient(mlflow_store)
     exp = client.get_experiment_by_name("test-nan")
