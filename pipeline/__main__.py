@@ -37,6 +37,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    # once: a second SIGTERM (Slurm signals every process of a step, a wrapper forwards what the group got too) would
+    # interrupt the clean-up that records the run KILLED
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated(signal.Signals(signum).name)
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
@@ -96,13 +97,16 @@ def time_scans(root: Path, configs: list[tuple[str, int]], repeats: int, cold: b
                                      for mode, workers in configs]}
 
 
-def loader_throughput(root: Path, workers: int, images: int, batch_size: int, img_size: int, repeats: int) -> dict:
+def loader_throughput(root: Path, workers: int, images: int, batch_size: int, img_size: int, repeats: int,
+                      device: str = "cpu") -> dict:
     """The training loader's images/s over `images` training images of the synthetic folder (prepared without a
     check) with `workers` data workers, the paper profile's augmentation (RandAugment, random erasing 0.25) at
-    `img_size`, in interleaved rounds of one epoch each (the workers start once, before the first round):
-    `uint8`, the pipeline's loader (uint8 out of the workers, normalisation and random erasing after them:
-    pipeline.data.build_loader), against `float`, the same images normalised and erased in the workers and handed
-    over as float32 (timm's transform without its prefetcher), which is what the loader did before."""
+    `img_size`, in interleaved rounds of one epoch each (the workers start once, before the first round), every
+    batch delivered on `device`: `uint8`, the pipeline's loader (uint8 out of the workers, normalisation and random
+    erasing on the device: pipeline.data.build_loader), against `float`, the same images normalised and erased in
+    the workers and handed over as float32 (timm's transform without its prefetcher), then copied to the device,
+    which is what the loader did before."""
+    device = torch.device(device)
     prepared_dir = root.parent / f"{root.name}-prepared"
     if not (prepared_dir / "meta.json").is_file():
         prepare("imagefolder", prepared_dir, root=str(root), check_images="none")
@@ -110,12 +114,12 @@ def loader_throughput(root: Path, workers: int, images: int, batch_size: int, im
     augment = {"augment": True, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel",
                "interpolation": "bicubic"}
     uint8 = build_loader(prepared, "train", batch_size, img_size, train=True, workers=workers, limit=images,
-                         transform_cfg=augment, decoded_cache_mb=0)
+                         transform_cfg=augment, decoded_cache_mb=0, device=device)
     transform = create_transform(img_size, is_training=True, mean=prepared.meta["mean"], std=prepared.meta["std"],
                                  **{k: v for k, v in augment.items() if k != "augment"})
     dataset = FolderImages(Path(prepared.meta["root"]), prepared.index()["train"][:images], transform)
     floats = DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, True, 0, (0, 1)),
-                        num_workers=workers, persistent_workers=workers > 0)
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     loaders = {"uint8": uint8, "float": floats}
     for loader in loaders.values():  # start the workers
         next(iter(loader))
@@ -124,9 +128,12 @@ def loader_throughput(root: Path, workers: int, images: int, batch_size: int, im
         for name in list(loaders)[r % 2:] + list(loaders)[:r % 2]:
             start, seen = time.perf_counter(), 0
             for x, _ in loaders[name]:
+                x = x.to(device, non_blocking=True)
                 seen += len(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds[name].append(time.perf_counter() - start)
-    return {"workers": workers, "images": seen, "batch_size": batch_size, "img_size": img_size,
+    return {"workers": workers, "images": seen, "batch_size": batch_size, "img_size": img_size, "device": str(device),
             "rows": {name: {"images_per_s": summarize([seen / t for t in seconds[name]]),
                             "batch_mb": batch_size * 3 * img_size ** 2 * (1 if name == "uint8" else 4) / 2**20}
                      for name in loaders}}
@@ -167,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
               "load_average_1min": [load_before, os.getloadavg()[0]]}
     if args.loader_images:
         result["loader"] = loader_throughput(root, args.loader_workers, args.loader_images, args.loader_batch_size,
-                                             args.loader_img_size, args.repeats)
+                                             args.loader_img_size, args.repeats, args.loader_device)
     write_json(args.out, result)
     if configs:
         print_table(result)
@@ -191,3 +198,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="the loader's data workers")
     p.add_argument("--loader-batch-size", type=int, default=128)
     p.add_argument("--loader-img-size", type=int, default=224)
+    p.add_argument("--loader-device", default="cpu", help="where the batches are delivered (cuda: as in training)")

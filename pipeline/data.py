@@ -162,24 +162,34 @@ class TensorBatches:
             hh, ww = x.shape[-2:]
             dy, dx = crop
             x = torch.nn.functional.pad(x, (2, 2, 2, 2))[:, :, dy:dy + hh, dx:dx + ww]
-            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x.contiguous()
 
     def __iter__(self):
+        # The epoch's draws, in the order they have always been drawn (the order, then each batch's crop and flips),
+        # are made on the CPU up front and moved to the tensors' device once: no host-device copy per batch.
         g = None
-        order = torch.arange(len(self.labels))
+        n = len(self.labels)
+        order = torch.arange(n)
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(len(self.labels), generator=g)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            crop = flip = None
-            if self.augment:  # drawn for the whole global batch, so every rank's slice gets the same draws
-                crop = tuple(torch.randint(0, 5, (2,), generator=g).tolist())
-                flip = torch.rand(len(idx), generator=g) < 0.5
-            part = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
-            yield (self._transform(self.images[idx[part]], crop, None if flip is None else flip[part]),
-                   self.labels[idx[part]])
+            order = torch.randperm(n, generator=g)
+        bounds = [(i * self.batch_size, min((i + 1) * self.batch_size, n)) for i in range(len(self))]
+        crops, flips = [], []
+        if self.augment:  # drawn for the whole global batch, so every rank's slice gets the same draws
+            for start, stop in bounds:
+                crops.append(tuple(torch.randint(0, 5, (2,), generator=g).tolist()))
+                flips.append(torch.rand(stop - start, generator=g) < 0.5)
+            flips = torch.cat(flips).to(self.images.device, non_blocking=True)
+        order = order.to(self.images.device, non_blocking=True)
+        for i, (start, stop) in enumerate(bounds):
+            size = stop - start
+            part = slice(start + self.rank * size // self.world, start + (self.rank + 1) * size // self.world)
+            if part.stop == part.start:  # the last test batch may leave a rank nothing
+                continue
+            idx = order[part]
+            yield (self._transform(self.images[idx], crops[i] if self.augment else None,
+                                   flips[part] if self.augment else None), self.labels[idx])
 
 
 def model_transform(model: torch.nn.Module, interpolation: str | None = None, crop_pct: float | None = None) -> dict:
@@ -308,7 +318,7 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed CUDA's too
         try:
             yield
         finally:

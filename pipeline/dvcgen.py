@@ -64,10 +64,9 @@ def _stage(study: Study, stage: Stage) -> dict:
 
 
 def profile_guard(profile: str) -> str:
-    """The first command of every stage: the stages list one profile's runs (and its launcher: torchrun or not), so
-    `dvc exp run -S profile=OTHER` stops here, saying what to do, instead of running another profile's job list."""
-    return (f'test "${{profile}}" = {profile} || (echo "dvc.yaml lists the jobs of profile {profile}, not '
-            f'${{profile}}: run python -m pipeline dvc-yaml --profile ${{profile}} first" >&2; exit 1)')
+    """The first command of every stage (pipeline.profile_guard): `dvc exp run -S profile=OTHER` stops there, saying
+    what to do, instead of running another profile's job list."""
+    return f"python -m pipeline.profile_guard {profile} ${{profile}}"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -8,9 +8,10 @@ passes SIGTERM and SIGINT on to it and returns its exit code:
 - the visible GPUs are the entries of CUDA_VISIBLE_DEVICES (indices or UUIDs, as written), else torch's count;
 - a job that needs as many as are visible or more takes them all and locks nothing. A Slurm job sees exactly its
   own GPUs, numbered from 0 in every job: locks named "0" would make two jobs of one node wait for each other;
-- otherwise it claims one slot on each of N GPUs, K slots per GPU (`--share K`: small jobs may share a GPU), by
-  a non-blocking flock on one file per (GPU, slot) in a per-user folder, the least claimed GPUs first, and
-  waits while too few GPUs have a free slot. The OS drops a lock when its holders die: no stale claims.
+- otherwise it claims one slot on each of N GPUs, K slots per GPU (`--share K`: small jobs may share a GPU; a job
+  of K = 1 has its GPU to itself, no job of any K beside it), by a non-blocking flock on one file per (GPU, K, slot)
+  in a per-user folder, the least claimed GPUs first, and waits while too few GPUs have room. The OS drops a lock
+  when its holders die: no stale claims.
 """
 from __future__ import annotations
 
@@ -36,10 +37,9 @@ def visible_gpus() -> list[str]:
 
 
 def lock_folder() -> Path:
-    """The folder of the slot files: per user, in the user's runtime folder where it exists (a job on another node
-    may inherit an XDG_RUNTIME_DIR that is not there), else in /tmp."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    folder = Path(runtime, "pipeline-gpus") if os.path.isdir(runtime) else Path(f"/tmp/pipeline-gpus-{os.getuid()}")
+    """The folder of the slot files: one fixed folder per user and machine (PIPELINE_GPU_LOCKS overrides it). Not the
+    login session's runtime folder: it is removed at the last logout while jobs still hold their locks in it."""
+    folder = Path(os.environ.get("PIPELINE_GPU_LOCKS") or f"/tmp/pipeline-gpus-{os.getuid()}")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
 
@@ -60,31 +60,35 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
-def _claimed_slots(folder: Path, gpu: str) -> set[int]:
-    """The slots of `gpu` that some process holds (of any --share: a job asking for a GPU alone sees them all)."""
-    held = set()
-    for path in folder.glob(f"{_key(gpu)}.*.lock"):
+def _claims(folder: Path, gpu: str) -> list[tuple[int, int]]:
+    """The (share, slot) of every claim some process holds on `gpu` (a slot file is named GPU.SHARE.SLOT.lock)."""
+    held = []
+    for path in folder.glob(f"{_key(gpu)}.*.*.lock"):
         fd = _try_lock(path)
         if fd is None:
-            held.add(int(path.name.split(".")[1]))
+            share, slot = path.name.split(".")[1:3]
+            held.append((int(share), int(slot)))
         else:
             os.close(fd)  # closing drops the probe's lock
     return held
 
 
 def claim(gpus: list[str], n: int, share: int, folder: Path) -> tuple[list[str], list[int]] | None:
-    """Lock a free slot on each of the `n` least claimed GPUs that have fewer than `share` slots claimed: those GPUs
-    and the descriptors holding their locks, or None when fewer than `n` GPUs have room."""
+    """Lock a slot on each of the `n` least claimed GPUs with room: those GPUs and the descriptors holding their
+    locks, or None when fewer than `n` GPUs have room. A GPU has room for a job of `--share K` while its claims are
+    fewer than K and fewer than the share of every job already on it: a job alone on its GPU (K = 1) neither joins
+    nor is joined."""
     mutex = os.open(folder / "claiming.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(mutex, fcntl.LOCK_EX)  # one claimer at a time: the counts stay true until its locks are taken
-        claimed = {gpu: _claimed_slots(folder, gpu) for gpu in gpus}
-        room = sorted((g for g in gpus if len(claimed[g]) < share), key=lambda g: len(claimed[g]))  # ties: in order
+        claims = {gpu: _claims(folder, gpu) for gpu in gpus}
+        room = sorted((g for g in gpus if len(claims[g]) < min([share] + [k for k, _ in claims[g]])),
+                      key=lambda g: len(claims[g]))  # ties: in order
         if len(room) < n:
             return None
         taken = room[:n]
-        slots = [min(set(range(share)) - claimed[g]) for g in taken]
-        return taken, [_try_lock(folder / f"{_key(g)}.{s}.lock") for g, s in zip(taken, slots, strict=True)]
+        slots = [min(set(range(share)) - {s for k, s in claims[g] if k == share}) for g in taken]
+        return taken, [_try_lock(folder / f"{_key(g)}.{share}.{s}.lock") for g, s in zip(taken, slots, strict=True)]
     finally:
         os.close(mutex)
 

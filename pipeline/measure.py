@@ -36,6 +36,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import accuracy
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -336,11 +337,13 @@ def max_logit_difference(a: nn.Module, b: nn.Module, batches) -> dict:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontext,
              fmt: torch.memory_format = torch.contiguous_format) -> dict:
-    """Top-1 and top-5 (%), mean cross-entropy, and each image's predicted class and label (`pred`, `label`).
-    `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too). The sums stay on the device
-    until the end: no wait for it per batch."""
+    """Top-1 and top-5 (%), mean cross-entropy, each image's predicted class and label (`pred`, `label`), and the
+    sums they are made of (`sums`: images x top-1 %, images x top-5 %, cross-entropy, images; what ranks add up under
+    torchrun). `fmt`: the batches' memory format (the model's: channels_last is faster on CPU too). The sums stay on
+    the device until the end: no wait for it per batch. Each batch's accuracy is timm's (a float32 percentage),
+    weighted by its size, as it always was: the same numbers to the last bit."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, cross-entropy
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     preds, targets = [], []
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -348,11 +351,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontex
         with autocast():
             logits = model(images)
         logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum(),
-                             nn.functional.cross_entropy(logits, labels, reduction="sum")]).double()
+        b = len(labels)
+        a1, a5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([a1.double() * b, a5.double() * b, loss.double(), sums.new_tensor(b)])
         preds.append(logits.argmax(1))
         targets.append(labels)
-    pred, label = torch.cat(preds).cpu(), torch.cat(targets).cpu()
-    top1, top5, loss = (sums / len(label)).tolist()
-    return {"top1": 100 * top1, "top5": 100 * top5, "loss": loss, "pred": pred, "label": label}
+    pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)  # a rank's slice may be empty
+    label = torch.cat(targets).cpu() if targets else torch.zeros(0, dtype=torch.long)
+    top1, top5, loss, n = sums.tolist()
+    n = n or float("nan")
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "pred": pred, "label": label, "sums": sums}

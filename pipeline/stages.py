@@ -162,7 +162,8 @@ def evaluate_stages(study: Study) -> list[Stage]:
                          metrics=[*_str(study.deploy_dir(r) / "reparam.json" for r in affine),
                                   *_str(study.eval_path(r) for r in runs)],
                          params=["evaluate"], settings=_json(study.settings["evaluate"]), threads="one",
-                         log=f"evaluate/{job}", launcher=on_gpus(gpu), resources=gpu))
+                         log=f"evaluate/{job}", launcher=on_gpus(gpu, share=study.settings["train"]["jobs_per_gpu"]),
+                         resources=gpu))
     return out
 
 

@@ -233,14 +233,16 @@ def cached_teacher_logits(cfg: TrainConfig, teacher: nn.Module, loader, data_has
     (pipeline.data: the loader draws from its own generator, seeded by (seed, epoch)), and the teacher is frozen,
     so every student of one seed asks the teacher the same questions. The first run computes the answers, under
     a lock, in the same batches and thread count as its steps would; the others read them: the same numbers.
-    None (the teacher runs in every step) when the images are mixed (Mixup/CutMix draw from the global RNG) or
-    the outputs would take more than CACHE_MAX_BYTES."""
+    None (the teacher runs in every step) when the images are mixed or erased (Mixup, CutMix and random erasing draw
+    from the training process's global RNG, which the student's own draws share) or the outputs would take more than
+    CACHE_MAX_BYTES."""
     d, epochs, steps = cfg.data, cfg.optim.epochs, len(loader)
     size = epochs * steps * d.batch_size * teacher.num_classes * 4
-    if d.mixup > 0 or d.cutmix > 0 or size > CACHE_MAX_BYTES:
+    if d.mixup > 0 or d.cutmix > 0 or d.re_prob > 0 or size > CACHE_MAX_BYTES:
         return None
     key = {"teacher": file_digest(cfg.kd.teacher), "data": data_hash, "seed": cfg.seed, "epochs": epochs,
            "batch_size": d.batch_size, "img_size": d.img_size, "augment": d.augment, "limit": d.train_limit,
+           "auto_augment": d.auto_augment,
            "threads": torch.get_num_threads(), "device": str(device), "amp": cfg.amp,
            "channels_last": cfg.channels_last, "torch": str(torch.__version__)}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -625,13 +627,10 @@ def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
     row = train_one_epoch(cfg, epoch, s.net, s.train_loader, s.objective, s.optimizer, s.scheduler, s.device,
                           s.autocast, progress and rk.main)
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 > cfg.optim.epochs - cfg.eval_last:
-        acc = evaluate(s.model, s.test_loader, s.device, s.autocast, memory_format(cfg))
-        n = len(acc["label"])
-        totals = torch.tensor([acc["top1"] * n, acc["top5"] * n, acc["loss"] * n, n], dtype=torch.float64,
-                              device=s.device)
+        sums = evaluate(s.model, s.test_loader, s.device, s.autocast, memory_format(cfg))["sums"]
         if rk.world > 1:
-            dist.all_reduce(totals)
-        top1, top5, loss, n = totals.tolist()
+            dist.all_reduce(sums)
+        top1, top5, loss, n = sums.tolist()
         row.update({"test/top1": top1 / n, "test/top5": top5 / n, "test/loss": loss / n})
     row["epoch_time_s"] = time.perf_counter() - t0
     if s.device.type == "cuda":  # this process's peak, over the run so far

@@ -14,7 +14,7 @@ JOB = "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=Tru
 
 
 def start(tmp_path, visible: str, *options: str, code: str = JOB, seconds: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "XDG_RUNTIME_DIR": str(tmp_path)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PIPELINE_GPU_LOCKS": str(tmp_path)}
     command = [sys.executable, "-m", "pipeline.gpus", *options, "--", sys.executable, "-c", code, str(seconds)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -51,6 +51,21 @@ def test_shared_gpus_take_the_least_claimed_first(tmp_path):
         assert "CUDA_VISIBLE_DEVICES=" in first_line(jobs[-1])  # none waits: 4 slots
     assert [given(job) for job in jobs] == ["0", "1", "0"]
     assert [job.wait() for job in jobs] == [0, 0, 0]
+
+
+def test_a_job_alone_on_its_gpu_is_not_joined_by_shared_jobs(tmp_path):
+    """A measurement (--share 1) keeps its GPU to itself: shared training jobs fill the other GPU, then wait."""
+    alone = start(tmp_path, "0,1", "--gpus", "1", "--share", "1", seconds=3.0)
+    assert "CUDA_VISIBLE_DEVICES=" in first_line(alone)
+    shared = [start(tmp_path, "0,1", "--gpus", "1", "--share", "2", seconds=0.5) for _ in range(2)]
+    assert all("CUDA_VISIBLE_DEVICES=" in first_line(job) for job in shared)
+    third = start(tmp_path, "0,1", "--gpus", "1", "--share", "2")
+    assert "waiting" in first_line(third)  # the other GPU is full (2 of 2), and the first is the measurement's
+    assert "CUDA_VISIBLE_DEVICES=" in third.stderr.readline()
+    assert alone.poll() is None  # it got a shared job's slot, not the measurement's GPU
+    gpu = given(alone)
+    assert {given(job) for job in shared} == {given(third)} != {gpu}
+    assert [job.wait() for job in (alone, *shared, third)] == [0, 0, 0, 0]
 
 
 def test_a_job_needing_every_visible_gpu_takes_them_all_without_locks(tmp_path):

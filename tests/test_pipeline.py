@@ -345,7 +345,7 @@ def test_paper_profile_plans_and_runs_one_batch_of_each_stage_kind(tmp_path):
 
 
 def test_gpu_profile_plans_for_one_gpu_and_runs_one_batch_on_cpu(tmp_path):
-    """The gpu profile: every training job shares the GPU (8 jobs at once) through the GPU wrapper, evaluation and the
+    """The gpu profile: every training and evaluation job shares the GPU (8 jobs at once) through the GPU wrapper, the
     measurements take it whole; one batch of a teacher, the imitation teacher and a distilled, imitating student
     trains on the CPU with the profile's other settings."""
     ws = make_workspace(tmp_path / "ws")
@@ -357,9 +357,9 @@ def test_gpu_profile_plans_for_one_gpu_and_runs_one_batch_on_cpu(tmp_path):
     train = [c for c in commands if " -m pipeline train --profile gpu " in c]
     assert len(train) == len(study.train_batches) + 9
     assert all(c.startswith("python -m pipeline.gpus --gpus 1 --share 8 -- python -m pipeline train") for c in train)
-    for stage in ("evaluate", "benchmark", "latency-breakdown"):
+    for stage, share in (("evaluate", 8), ("benchmark", 1), ("latency-breakdown", 1)):  # measurements: a GPU alone
         launched = [c for c in commands if f" -m pipeline {stage} --profile gpu" in c]
-        assert launched and all(c.startswith("python -m pipeline.gpus --gpus 1 --share 1 -- ") for c in launched)
+        assert launched and all(c.startswith(f"python -m pipeline.gpus --gpus 1 --share {share} -- ") for c in launched)
     assert study.settings["data"]["train_subset"] is None and study.settings["seeds"] == [0, 1, 2]
 
     def one_batch(d):
