@@ -64,6 +64,9 @@ class KDCfg:
     teacher: str | None = None           # teacher checkpoint (train output), logits only
 
 
+MI_WEIGHTS = ("as_printed", "per_batch", "balanced")
+
+
 @dataclass
 class MICfg:
     """Module imitation (riformer.md Sec. 3): L'_in, L_out, L_rel with weights and epoch windows."""
@@ -73,10 +76,15 @@ class MICfg:
     lambda_rel: float = 0.0              # L_rel: token-relation matrices of the token-mixer outputs
     feat_frac: float = 80 / 120          # L'_in and L_out run for the first feat_frac of the training steps
     rel_frac: float = 20 / 120           # L_rel runs for the first rel_frac of the training steps
-    layers: int = 4                      # 4: last block of each stage; 6: every second block
+    layers: int = 4                      # 4: one block per stage; 6: every second block
+    pick: str = "last"                   # layers 4: the last (or first) block of each stage; 6: from the 2nd (1st)
     blocks: list[int] | None = None      # explicit block indices, overriding `layers`
     feature_reduction: str = "sample_sum"  # L'_in, L_out: sum over C,H,W, mean over batch (Table 10 reading)
     rel_reduction: str = "mean"          # L_rel: 1/(N*H^2*W^2), the stated normaliser
+    # how the lambdas apply (Table 10 prints "lambda x batch size"): as_printed; per_batch (each lambda / the
+    # global batch size); balanced (each term's lambda rescaled at the first optimizer step so that its weighted
+    # value equals the logit terms' at that step)
+    weights: str = "as_printed"
 
     @property
     def enabled(self) -> bool:
@@ -261,6 +269,8 @@ def problems(cfg: TrainConfig) -> list[str]:
                                                         f"{mi.layers}"),
         (mi.feature_reduction in ("mean", "sample_sum") and mi.rel_reduction in ("mean", "sample_sum"),
          "mi.feature_reduction and mi.rel_reduction must be mean or sample_sum"),
+        (mi.pick in ("last", "first"), f"mi.pick must be last or first, got {mi.pick!r}"),
+        (mi.weights in MI_WEIGHTS, f"mi.weights must be one of {', '.join(MI_WEIGHTS)}, got {mi.weights!r}"),
         (all(0 <= t <= 1 for t in (u.head_target, u.block_target, u.patch_target)),
          "usage targets must be kept fractions in [0, 1]"),
         (min(u.head_weight, u.block_weight, u.patch_weight) >= 0, "usage weights must be >= 0"),

@@ -48,16 +48,19 @@ class DistillationLoss(nn.Module):
         return terms
 
 
-def default_blocks(depths: list[int], layers: int) -> list[int]:
+def default_blocks(depths: list[int], layers: int, pick: str = "last") -> list[int]:
     """Which blocks module imitation matches (an open point of the paper, riformer.md Sec. 8).
 
-    4: the last block of each stage (one per stage); 6: every second block (for 2/2/6/2: 1, 3, 5, 7, 9, 11).
+    4: one block per stage, its last (`pick` last) or first; 6: every second block, from the second (for 2/2/6/2:
+    1, 3, 5, 7, 9, 11) or from the first (0, 2, ..., 10).
     """
-    ends = [sum(depths[: i + 1]) - 1 for i in range(len(depths))]
+    if pick not in ("last", "first"):
+        raise ValueError(f"pick must be last or first, got {pick!r}")
+    starts = [sum(depths[:i]) for i in range(len(depths))]
     if layers == 4:
-        return ends
+        return [sum(depths[: i + 1]) - 1 for i in range(len(depths))] if pick == "last" else starts
     if layers == 6:
-        return list(range(1, sum(depths), 2))[:6]
+        return list(range(1 if pick == "last" else 0, sum(depths), 2))[:6]
     raise ValueError(f"layers must be 4 or 6, got {layers}")
 
 
@@ -108,15 +111,16 @@ class ModuleImitation:
     steps (80/120 and 20/120 epochs in the paper), at any run length.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, total_steps: int):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, total_steps: int, batch_size: int = 1):
         """`cfg`: the training config's `mi` section (pipeline/config.py:MICfg); its windows are fractions of the
-        run's `total_steps` optimizer steps; its blocks are `cfg.blocks`, else `default_blocks(.., cfg.layers)`."""
+        run's `total_steps` optimizer steps; its blocks are `cfg.blocks`, else `default_blocks(.., cfg.layers,
+        cfg.pick)`; `batch_size`: the global batch, which `cfg.weights: per_batch` divides each lambda by."""
         s_blocks, t_blocks = metaformer_blocks(student), metaformer_blocks(teacher)
         if len(s_blocks) != len(t_blocks):
             raise ValueError(f"module imitation needs the same block structure: student has {len(s_blocks)} "
                              f"blocks, teacher {len(t_blocks)}")
         blocks = cfg.blocks if cfg.blocks is not None else default_blocks([len(s.blocks) for s in student.stages],
-                                                                          cfg.layers)
+                                                                          cfg.layers, cfg.pick)
         bad = [b for b in blocks if not 0 <= b < len(s_blocks)]
         if bad:
             raise ValueError(f"module-imitation blocks {bad} out of range for {len(s_blocks)} blocks")
@@ -124,6 +128,10 @@ class ModuleImitation:
         self.student = _Capture([s_blocks[i] for i in blocks])
         self.teacher = _Capture([t_blocks[i] for i in blocks])
         self.lambdas = {"mi_in": cfg.lambda_in, "mi_out": cfg.lambda_out, "mi_rel": cfg.lambda_rel}
+        if cfg.weights == "per_batch":
+            self.lambdas = {k: v / batch_size for k, v in self.lambdas.items()}
+        # `balanced`: each term's factor on its lambda, set by balance() at the first step (saved with checkpoints)
+        self.weights, self.scales = cfg.weights, None
         feat_steps, rel_steps = round(cfg.feat_frac * total_steps), round(cfg.rel_frac * total_steps)
         self.windows = {"mi_in": feat_steps, "mi_out": feat_steps, "mi_rel": rel_steps}
         self.feature_reduction, self.rel_reduction = cfg.feature_reduction, cfg.rel_reduction
@@ -144,7 +152,23 @@ class ModuleImitation:
         if on["mi_rel"]:
             terms["mi_rel"] = sum(_mse(token_relation(s), token_relation(t), self.rel_reduction)
                                   for s, t in zip(self.student.mixer_out, self.teacher.mixer_out, strict=True))
-        return {k: v * self.lambdas[k] for k, v in terms.items()}
+        return {k: v * self.lambdas[k] * (self.scales or {}).get(k, 1.0) for k, v in terms.items()}
+
+    @property
+    def needs_balance(self) -> bool:
+        return self.weights == "balanced" and self.scales is None
+
+    def balance(self, terms: dict[str, torch.Tensor], logit_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`terms` (this step's, as __call__ returned them) rescaled so that each equals `logit_loss` (the logit
+        terms of the same step); the factors are kept for every later step. Under torchrun the values are
+        averaged over the ranks first, so that every rank applies the same factors."""
+        keys = sorted(terms)
+        values = torch.stack([logit_loss.detach().float()] + [terms[k].detach().float() for k in keys])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)  # sums: the ratios are those of the means
+        target, *own = values.tolist()
+        self.scales = {k: target / v if v > 0 else 1.0 for k, v in zip(keys, own, strict=True)}
+        return {k: v * self.scales[k] for k, v in terms.items()}
 
     def remove(self):
         self.student.remove()

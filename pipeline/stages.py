@@ -18,7 +18,7 @@ from pipeline.repo import REPO_ROOT
 from pipeline.study import FIGURES, PAPER_RESULTS, Study
 
 # The profile sections a training job reads (DVC's params of the training stages).
-TRAIN_SECTIONS = ["data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds"]
+TRAIN_SECTIONS = ["data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "readings"]
 WAITED_FOR = 1000  # the priority of the jobs other jobs wait for
 
 
@@ -131,7 +131,7 @@ def student_stages(study: Study) -> list[Stage]:
         teachers = sorted({str(study.model_path(t)) for r in runs for t in study.references(r)})
         out.append(Stage(f"train-{job}", f"train --profile {{profile}} --run {' '.join(runs)} --no-progress",
                          [str(study.data_dir), *teachers], **_training(study, runs), params=TRAIN_SECTIONS,
-                         study_keys=[f"variants.{v}" for v in sorted({study.variant_of(r) for r in runs})],
+                         study_keys=sorted({k for r in runs for k in study.study_key(study.variant_of(r))}),
                          settings=_json([run_config_json(study, r) for r in runs]), launcher=_train_launcher(study),
                          threads="train", log=f"train/{job}", priority=job_priority(study, runs),
                          resources=study.train_resources))
@@ -217,6 +217,8 @@ def report_stage(study: Study) -> Stage:
                   *_str(study.figure_path(f, "pdf") for f in FIGURES)],
                  metrics=[str(study.report_dir / "summary.json")],
                  plots=_str(study.figure_path(f) for f in FIGURES),
-                 params=["report", "seeds"], study_keys=["tables", "guidelines"],
-                 settings=_json([study.tables, study.guidelines, study.settings["report"]]), threads=None,
+                 params=["report", "seeds", "readings"],
+                 study_keys=["tables", "guidelines"] + (["readings"] if study.points else []),
+                 settings=_json([study.tables, study.guidelines, study.points, study.settings["report"]]),
+                 threads=None,
                  log="report", extra_code=[str(PAPER_RESULTS.relative_to(REPO_ROOT))])

@@ -2,7 +2,7 @@
 
 params/defaults.yaml   shared defaults
 params/<profile>.yaml  a profile over them: smoke, default, paper, or any file of the user
-params/study.yaml      teachers, variants and the paper's tables
+params/study.yaml      teachers, variants, the paper's tables and guidelines, and the readings of its open points
 
 `load_study(profile)` validates everything before anything runs (JSON schema plus the checks a schema
 cannot make: registry model names, run references, dataset paths) and raises one clear error listing
@@ -37,8 +37,9 @@ JOB_KEYS = ("runs_per_job", "nproc", "gpus", "jobs_per_gpu", "mem_mb", "runtime"
 # The report's figures: results/<profile>/report/figures/<name>.{png,pdf} (pipeline.figures draws them).
 FIGURES = ["accuracy_vs_throughput", "ablation_deltas", "training_curves", "latency_breakdown",
            "reparameterization_error", "adavit_decisions"]
-PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "evaluate", "latency",
-                    "report")
+PROFILE_SECTIONS = ("data", "models", "train", "teacher_train", "mi_lambdas", "runs", "seeds", "readings", "evaluate",
+                    "latency", "report")
+READING_SEP = "--"  # a run of a variant under another reading of an open point: <variant>--<reading>
 
 
 class StudyError(ValueError):
@@ -74,6 +75,10 @@ class Study:
     tables: dict[str, dict]
     results: Path
     guidelines: list[dict] = field(default_factory=list)
+    # the open points whose readings this profile runs (study.yaml `readings`, the profile's `readings.points`), and
+    # each reading variant: its base variant, point and reading
+    points: dict[str, dict] = field(default_factory=dict)
+    reading_runs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _configs: dict[str, TrainConfig] = field(default_factory=dict, repr=False, compare=False)
     _data_hash: str | None = field(default=None, repr=False, compare=False)
 
@@ -154,6 +159,19 @@ class Study:
                 if self.seed_name(v, seed) == run:
                     return v
         return run
+
+    def under_reading(self, variant: str, reading: str) -> str:
+        """The variant that runs `variant` under `reading` (of one of the profile's points): its reading variant,
+        or the variant itself where the reading does not apply to it or is the study's own."""
+        name = f"{variant}{READING_SEP}{reading}"
+        return name if name in self.reading_runs else variant
+
+    def study_key(self, variant: str) -> list[str]:
+        """The keys of params/study.yaml a variant's config is read from (DVC params of its training stage)."""
+        if variant in self.reading_runs:
+            base, point, _ = self.reading_runs[variant]
+            return [f"variants.{base}", f"readings.{point}"]
+        return [f"variants.{variant}"]
 
     def references(self, run: str) -> list[str]:
         """The runs this run needs first (its teachers and partial-init source)."""
@@ -332,10 +350,96 @@ def load_study(profile: str = "default", check_data: bool = True, overrides: dic
         errors.append(f"params/{profile}.yaml (over defaults.yaml) {where}: {e.message}")
     study = Study(profile, settings, study_file.get("teachers", {}), study_file.get("variants", {}),
                   study_file.get("tables", {}), Path("results") / profile, study_file.get("guidelines", []))
+    if not errors:
+        errors += apply_readings(study, study_file.get("readings", {}))
     errors += _semantic_errors(study, check_data, after_schema_errors=bool(errors))
     if errors:
         raise StudyError("invalid study definition:\n  " + "\n  ".join(dict.fromkeys(errors)))
     return study
+
+
+# ------------------------------------------------------------------------------------------------ readings
+# Which variants an open point's readings apply to (study.yaml readings.<point>.applies_to).
+APPLIES_TO = {
+    "mi": lambda spec: bool((spec.get("mi") or {}).get("teacher")),
+    "soft_kd": lambda spec: (spec.get("kd") or {}).get("type") == "soft",
+}
+
+
+def deciding_variants(study: Study) -> list[str]:
+    """The runs (teachers and variants) the guidelines' voting deltas read, with the runs they need first (their
+    teachers, imitation teachers and initialisations), in study.yaml's order."""
+    specs = {**study.teachers, **study.variants}
+    todo = [_cell_run(study, ref) for g in study.guidelines for d in g.get("vote", [])
+            for ref in as_list(d.get("plus")) + as_list(d.get("minus"))]
+    names = set()
+    while todo:
+        name = todo.pop()
+        if name in specs and name not in names:
+            names.add(name)
+            spec = specs[name]
+            todo += [(spec.get(sec) or {}).get(key) if sec else spec.get(key) for sec, key in INPUT_KEYS]
+    return [n for n in specs if n in names]
+
+
+def apply_readings(study: Study, definitions: dict) -> list[str]:
+    """The profile's `readings` section applied to `study`: with `variants: deciding`, only the runs the guidelines'
+    votes read (tables keep the rows of those runs, guidelines the `show` deltas they can compute); for each point
+    of `points`, each of its readings but the study's own adds a variant `<variant>--<reading>` of every deciding
+    variant it applies to (the variant's spec with the reading's `set` merged over it). Problems are returned."""
+    section = study.settings["readings"]
+    unknown = [p for p in section["points"] if p not in definitions]
+    if unknown:
+        return [f"params/{study.profile}.yaml readings.points: unknown point(s) {unknown} (study.yaml readings: "
+                f"{', '.join(definitions)})"]
+    deciding = deciding_variants(study)
+    if section["variants"] == "deciding":
+        keep = set(deciding)
+        study.teachers = {k: v for k, v in study.teachers.items() if k in keep}
+        study.variants = {k: v for k, v in study.variants.items() if k in keep}
+        tables = {}
+        for name, table in study.tables.items():
+            rows = [r for r in table["rows"] if r.get("run") in keep]
+            names = {r["row"] for r in rows}
+            rows = [r for r in rows if r.get("reference", table.get("reference")) in names]
+            if rows:
+                tables[name] = {**table, "rows": rows}
+        study.tables = tables
+        for g in study.guidelines:
+            g["show"] = [d for d in g.get("show", []) if all(
+                _cell_run(study, ref) in keep for ref in as_list(d.get("plus")) + as_list(d.get("minus")))]
+    errors = []
+    names = [r for spec in definitions.values() for r in spec.get("readings", {})]
+    errors += [f"study.yaml readings: reading name {r!r} used twice (names are the suffix of a run's name)"
+               for r in sorted({r for r in names if names.count(r) > 1})]
+    errors += [f"study.yaml readings: reading name {r!r} contains {READING_SEP!r}" for r in names if READING_SEP in r]
+    errors += [f"study.yaml readings.{p}: its study reading {spec.get('study')!r} is not one of its readings"
+               for p, spec in definitions.items() if spec.get("study") not in spec.get("readings", {})]
+    if errors:
+        return errors
+    for point in section["points"]:
+        spec = definitions[point]
+        study.points[point] = spec
+        applies = APPLIES_TO.get(spec.get("applies_to"))
+        if applies is None:
+            errors.append(f"study.yaml readings.{point}.applies_to: one of {', '.join(APPLIES_TO)}")
+            continue
+        for reading, r in spec["readings"].items():
+            if reading == spec["study"]:
+                continue
+            for variant in deciding:
+                if variant in study.variants and applies(study.variants[variant]):
+                    name = f"{variant}{READING_SEP}{reading}"
+                    study.variants[name] = deep_merge(study.variants[variant], r.get("set") or {})
+                    study.reading_runs[name] = (variant, point, reading)
+    return errors
+
+
+def _cell_run(study: Study, ref: str) -> str | None:
+    try:
+        return study.cell(ref)[3]
+    except StudyError:
+        return None
 
 
 def _semantic_errors(study: Study, check_data: bool, after_schema_errors: bool = False) -> list[str]:

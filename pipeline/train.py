@@ -323,7 +323,10 @@ class Objective:
         if self.usage is not None:
             terms.update(self.usage(getattr(model, "module", model).decisions))  # DDP wraps the model
         if self.imitation is not None:
-            terms.update({k: v.float() for k, v in self.imitation(step).items()})
+            imitation = {k: v.float() for k, v in self.imitation(step).items()}
+            if imitation and self.imitation.needs_balance:
+                imitation = self.imitation.balance(imitation, sum(terms.values()))
+            terms.update(imitation)
         return logits, terms
 
 
@@ -454,7 +457,7 @@ def _train(cfg: TrainConfig, out_dir: Path, experiment: str, progress: bool, pro
                 save_checkpoint(ckpt_path, {**s.record, "state_dict": s.model.state_dict(), "epoch": epoch,
                                             "optimizer": s.optimizer.state_dict(),
                                             "scheduler": s.scheduler.state_dict(), "history": history,
-                                            "run_id": run_id})
+                                            "run_id": run_id, "mi_scales": _mi_scales(s)})
                 print_epoch(cfg, row)
         if not ranks().main:
             return {"name": cfg.name, "history": history}
@@ -575,7 +578,7 @@ def build_objective(cfg: TrainConfig, model: nn.Module, kd_teacher: nn.Module | 
     if hasattr(model, "decisions"):  # AdaViT: the usage loss on its kept fractions
         objective.usage = UsageLoss(cfg.usage)
     if mi_teacher is not None:
-        objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * steps_per_epoch)
+        objective.imitation = ModuleImitation(model, mi_teacher, cfg.mi, o.epochs * steps_per_epoch, d.batch_size)
     return objective
 
 
@@ -588,8 +591,14 @@ def resume(s: Session, path: Path) -> tuple[int, list[dict], str | None]:
     s.model.load_state_dict(state["state_dict"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
+    if s.objective.imitation is not None:  # `mi.weights: balanced`: the factors set at the first step
+        s.objective.imitation.scales = state.get("mi_scales")
     print(f"[{s.cfg.name}] resuming after epoch {state['epoch'] + 1} of {s.cfg.optim.epochs} from {path}")
     return state["epoch"] + 1, state["history"], state.get("run_id")
+
+
+def _mi_scales(s: Session) -> dict[str, float] | None:
+    return s.objective.imitation.scales if s.objective.imitation is not None else None
 
 
 def open_run(s: Session, experiment: str, run_id: str | None, profile: str | None, start_epoch: int,
@@ -657,6 +666,9 @@ def finish(s: Session, out_dir: Path, history: list[dict], run_id: str, mlflow, 
         "train_wall_time_s": sum(r["epoch_time_s"] for r in history), "device": str(s.device),
         "session_wall_time_s": session_s,
     }
+    if s.objective.imitation is not None:  # the imitation weights as applied (mi.weights), lambda x factor
+        mi = s.objective.imitation
+        metrics["mi_lambdas"] = {k: v * (mi.scales or {}).get(k, 1.0) for k, v in mi.lambdas.items()}
     s.model.cpu()
     save_checkpoint(out_dir / "model.pt", {**s.record, "state_dict": s.model.state_dict()})
     metrics["model_sha256"] = file_digest(out_dir / "model.pt")  # checked where a later run reads it

@@ -139,3 +139,41 @@ def test_module_imitation_rejects_another_block_structure():
     student = timm.create_model("riformer_nano")
     with pytest.raises(ValueError, match="same block structure"):
         _mi(student, timm.create_model("poolformer_s9"), [1])
+
+
+def test_imitated_blocks_first_of_each_stage():
+    assert default_blocks([2, 2, 6, 2], 4, "first") == [0, 2, 4, 10]
+    assert default_blocks([2, 2, 6, 2], 6, "first") == [0, 2, 4, 6, 8, 10]
+    with pytest.raises(ValueError, match="pick"):
+        default_blocks([2, 2, 6, 2], 4, "middle")
+
+
+def test_imitation_weights_per_batch_and_balanced():
+    """per_batch divides each lambda by the batch size; balanced rescales each term once, at the first step, to the
+    logit loss it is given, and keeps those factors afterwards."""
+    torch.manual_seed(0)
+    student, teacher = (timm.create_model("riformer_nano", num_classes=10, in_chans=1, token_mixer=m).eval()
+                        for m in ("affine", "pooling"))
+    x = torch.randn(4, 1, 32, 32)
+    base = dict(teacher="t", lambda_in=1e-4, lambda_out=1e-3, lambda_rel=1.0, feat_frac=1.0, rel_frac=1.0)
+
+    def terms(weights, step=0, logit=None):
+        mi = ModuleImitation(student, teacher, MICfg(**base, weights=weights), total_steps=10, batch_size=64)
+        with torch.no_grad():
+            student(x), teacher(x)
+        out = mi(step)
+        if mi.needs_balance:
+            out = mi.balance(out, logit)
+        mi.remove()
+        return mi, out
+
+    _, printed = terms("as_printed")
+    _, per_batch = terms("per_batch")
+    for k in printed:
+        assert torch.allclose(per_batch[k], printed[k] / 64)
+    mi, balanced = terms("balanced", logit=torch.tensor(0.25))
+    assert set(balanced) == {"mi_in", "mi_out", "mi_rel"}
+    for k, v in balanced.items():
+        assert v.item() == pytest.approx(0.25, rel=1e-5)
+        assert mi.scales[k] == pytest.approx(0.25 / printed[k].item(), rel=1e-5)
+    assert not mi.needs_balance  # the factors stay: a later step is not rebalanced

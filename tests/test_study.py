@@ -20,11 +20,36 @@ def edit(path, update):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def test_readings_profile_runs_the_deciding_variants_under_each_reading():
+    """params/readings.yaml: only the runs the guidelines' votes read (and their teachers), each MI variant once
+    more per other reading of the imitation weights and blocks, each soft-KD variant under DeiT's paper values."""
+    study = load_study("readings", check_data=False)
+    assert set(study.teachers) == {"gfnet", "poolformer-big", "swin"}  # no LightViT, DeiT, ViG, T9 teachers
+    assert "adavit" not in study.variants and "pooling-ce" in study.variants  # the imitation teacher stays
+    mi = ["affine-mi-feat80-rel20-l4", "affine-pbig-mi", "affine-swin-mi", "affine-mi-partial"]
+    for reading, check in [("mean", lambda c: c.mi.feature_reduction == "mean"),
+                           ("per-batch", lambda c: c.mi.weights == "per_batch"),
+                           ("balanced", lambda c: c.mi.weights == "balanced"),
+                           ("first", lambda c: c.mi.pick == "first"),
+                           ("deit-paper", lambda c: (c.kd.tau, c.kd.alpha) == (3.0, 0.1))]:
+        for v in mi:
+            cfg = study.run_config(study.under_reading(v, reading))
+            assert check(cfg) and cfg.mi.teacher.endswith("runs/pooling-ce/model.pt"), (v, reading)
+    assert study.under_reading("affine-nolabel-soft", "mean") == "affine-nolabel-soft"  # no imitation: unchanged
+    assert study.under_reading("affine-label-nokd", "deit-paper") == "affine-label-nokd"  # no KD: unchanged
+    assert study.run_config("identity-label-soft--deit-paper").kd.tau == 3.0
+    assert study.study_key("affine-pbig-mi--first") == ["variants.affine-pbig-mi", "readings.mi-blocks"]
+    assert len(study.variants) == 17 + 4 * 4 + 10  # 17 deciding, 4 readings of 4 MI variants, 10 soft-KD variants
+    # tables keep the rows of the runs it has; guideline 4 keeps no `show` delta of LightViT or ViG
+    assert [r["run"] for r in study.tables["T4"]["rows"]] == ["affine-nolabel-soft", "affine-mi-feat80-rel20-l4"]
+    assert "T9" not in study.tables and study.guidelines[3]["show"] == []
+
+
 def test_the_grid_resolves():
     study = load_study("default", check_data=False)
     seeds = study.settings["seeds"]
-    assert len(study.teacher_runs) == 9 and len(study.variants) == 35
-    assert len(study.student_runs) == 35 * len(seeds)  # every student variant once per seed, teachers once
+    assert len(study.teacher_runs) == 10 and len(study.variants) == 37
+    assert len(study.student_runs) == 37 * len(seeds)  # every student variant once per seed, teachers once
     last = study.run_config(f"affine-mi-partial-seed{seeds[-1]}")
     assert last.variant == "affine-mi-partial" and last.seed == seeds[-1]
     # a variant that several tables use is one run: T3's label-free soft run is T4's first row and T5's
@@ -105,7 +130,7 @@ def test_study_errors(params, update, message):
 
 
 def test_unknown_profile_and_table(params):
-    with pytest.raises(StudyError, match="unknown profile 'huge'.*profiles: default, gpu, paper, smoke"):
+    with pytest.raises(StudyError, match="unknown profile 'huge'.*profiles: default, gpu, paper, readings, smoke"):
         load_study("huge", params=params)
     with pytest.raises(StudyError, match="unknown profile 'study'"):
         load_study("study", params=params)
@@ -135,7 +160,8 @@ def test_any_profile_file_is_a_profile_and_is_validated(params):
      "guidelines 1: no table cell 'T2/no-such-row'"),
     (lambda d: d["guidelines"][1].update(direction="sideways"), "guidelines 2: needs direction"),
     (lambda d: d["guidelines"][2].update(vote=[]), "guidelines 3: no `vote` deltas"),
-    (lambda d: d["guidelines"][3]["vote"].append({"plus": "T5/pyramid_vig_b/top1_wo_mi"}),
+    (lambda d: (d["guidelines"][3]["vote"].append({"plus": "T5/pyramid_vig_b/top1_wo_mi"}),
+                d["tables"]["T5"]["rows"][7].update(run=None)),
      "guidelines 4: cell 'T5/pyramid_vig_b/top1_wo_mi' has no run of ours"),
 ])
 def test_guideline_errors(params, update, message):
