@@ -392,18 +392,29 @@ def table_latex(name: str, rows: list[Row], title: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- guidelines
-def guideline_delta(spec: dict, results: Results, paper: dict) -> dict:
-    """One delta of a guideline: mean(plus) - mean(minus) of table cells, ours with its interval and the paper's."""
+def guideline_delta(spec: dict, results: Results, paper: dict, reading: str | None = None) -> dict:
+    """One delta of a guideline: mean(plus) - mean(minus) of table cells, ours with its interval and the paper's;
+    with `reading`, each cell's run is replaced by its run under that reading of an open point (where it has one)."""
     study = results.study
     plus, minus = as_list(spec.get("plus")), as_list(spec.get("minus"))
     cells = [study.cell(ref) for ref in plus + minus]
-    ours = results.delta("top1", [c[3] for c in cells[:len(plus)]], [c[3] for c in cells[len(plus):]])
+    runs = [study.under_reading(c[3], reading) if reading else c[3] for c in cells]
+    ours = results.delta("top1", runs[:len(plus)], runs[len(plus):])
     values = [paper.get(c[:3]) for c in cells]
     theirs = None
     if None not in values:
         theirs = float(np.mean(values[:len(plus)]) - (np.mean(values[len(plus):]) if minus else 0.0))
     label = spec.get("label") or f"{' + '.join(plus)} − {' + '.join(minus)}"
-    return {"delta": label, "ours": ours, "paper": theirs}
+    return {"delta": label, "ours": ours, "paper": theirs, "changed": runs != [c[3] for c in cells]}
+
+
+def verdict_of(g: dict, votes: list[dict]) -> str:
+    """supported / contradicted / inconclusive from the voting deltas' intervals against the guideline's rule."""
+    if any(d["ours"] is None for d in votes):
+        return "not testable (missing or stale results)"
+    sign = 1 if g["direction"] == "above" else -1
+    sides = [sign * d["ours"].side(g["threshold"]) for d in votes]
+    return "supported" if all(s == 1 for s in sides) else "contradicted" if -1 in sides else "inconclusive"
 
 
 def guideline_verdicts(results: Results, paper: dict) -> list[dict]:
@@ -412,15 +423,81 @@ def guideline_verdicts(results: Results, paper: dict) -> list[dict]:
     for g in results.study.guidelines:
         votes = [guideline_delta(d, results, paper) for d in g["vote"]]
         shown = [guideline_delta(d, results, paper) for d in g.get("show", [])]
-        sign = 1 if g["direction"] == "above" else -1
-        if any(d["ours"] is None for d in votes):
-            verdict = "not testable (missing or stale results)"
-        else:
-            sides = [sign * d["ours"].side(g["threshold"]) for d in votes]
-            verdict = "supported" if all(s == 1 for s in sides) else "contradicted" if -1 in sides else "inconclusive"
         out.append({"guideline": g["id"], "text": g["text"], "rule": g["rule"], "direction": g["direction"],
-                    "threshold": g["threshold"], "verdict": verdict, "votes": votes, "shown": shown})
+                    "threshold": g["threshold"], "verdict": verdict_of(g, votes), "votes": votes, "shown": shown})
     return out
+
+
+def reading_verdicts(results: Results, paper: dict) -> list[dict]:
+    """guideline x reading: for each open point the profile runs (study.yaml `readings`) and each of its readings,
+    the study's own first, every guideline whose votes read a run the point changes, its voting deltas with each run
+    replaced by its run under the reading, and the verdict they give."""
+    study, out = results.study, []
+    for point, spec in study.points.items():
+        readings = [spec["study"]] + [r for r in spec["readings"] if r != spec["study"]]
+        for g in study.guidelines:
+            rows = []
+            for reading in readings:
+                votes = [guideline_delta(d, results, paper, reading) for d in g["vote"]]
+                rows.append({"reading": reading, "study": reading == spec["study"], "votes": votes,
+                             "verdict": verdict_of(g, votes)})
+            if any(d["changed"] for row in rows for d in row["votes"]):
+                out.append({"guideline": g["id"], "point": point, "direction": g["direction"],
+                            "threshold": g["threshold"], "rows": rows})
+    return out
+
+
+def readings_markdown(study: Study, readings: list[dict]) -> str:
+    """The report's table of verdicts under each reading, and which verdicts hold under every one."""
+    if not readings:
+        return ""
+    lines = ["## Verdicts under each reading of the paper's open points", "",
+             "Each guideline's voting Δ (top-1 points, 95% interval) with every deciding run trained under one reading "
+             "of an open point (params/study.yaml `readings`), and the verdict those intervals give; the first row of "
+             "each point is the study's own reading. A guideline appears under a point when one of its deciding runs "
+             "changes with it (module imitation: the MI rows; KD: the soft-KD rows).", ""]
+    for point, spec in study.points.items():
+        lines += [f"**{point}**: {spec['text']}.", ""]
+        for reading, r in spec["readings"].items():
+            lines.append(f"- `{reading}`{' (the study’s)' if reading == spec['study'] else ''}: {r['text']}")
+        lines.append("")
+    lines += ["The voting Δs of a guideline are those of its section above, in the same order.", "",
+              "| guideline | point | reading | voting Δ [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for item in readings:
+        for row in item["rows"]:
+            deltas = "; ".join(fmt_delta(d["ours"], "top1") for d in row["votes"])
+            lines.append(f"| {item['guideline']} | {item['point']} | `{row['reading']}`"
+                         f"{' (study)' if row['study'] else ''} | {deltas} | {row['verdict']} |")
+    lines += ["", "Each guideline's verdict over every reading that changes its deciding runs:", ""]
+    for g in study.guidelines:
+        verdicts = {("the study's", "") if row["study"] else (item["point"], row["reading"]): row["verdict"]
+                    for item in readings if item["guideline"] == g["id"] for row in item["rows"]}
+        if not verdicts:
+            lines.append(f"- **{g['id']}**: no open point of this profile changes its deciding runs.")
+        elif len(set(verdicts.values())) == 1:
+            lines.append(f"- **{g['id']}**: {next(iter(verdicts.values()))} under every reading (the study's and "
+                         f"{len(verdicts) - 1} others).")
+        else:
+            by = {}
+            for (point, reading), v in verdicts.items():
+                by.setdefault(v, []).append(f"{point}: {reading}" if reading else "the study's readings")
+            lines.append(f"- **{g['id']}**: depends on the reading: "
+                         + "; ".join(f"{v} under {', '.join(rs)}" for v, rs in by.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def readings_csv(readings: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["guideline", "point", "reading", "study_reading", "delta", "mean", "low", "high", "verdict"])
+    for item in readings:
+        for row in item["rows"]:
+            for d in row["votes"]:
+                iv = d["ours"]
+                w.writerow([item["guideline"], item["point"], row["reading"], row["study"], d["delta"],
+                            *(_num(x) for x in ((iv.mean, iv.low, iv.high) if iv else (None,) * 3)),
+                            row["verdict"]])
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -475,11 +552,15 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
     f1 = figures.latency_table(results.latency, paper)
     _write_text(out / "tables" / "F1.md", f1)
     verdicts = guideline_verdicts(results, paper)
+    readings = reading_verdicts(results, paper)
+    if readings:
+        _write_text(out / "tables" / "readings.csv", readings_csv(readings))
     figs = figures.make_all(study, results, tables, paper, out / "figures")
     adaptive = adaptive_summary(study, results)
     cells = [r for rows in tables.values() for r in rows]
     summary = {"profile": study.profile, "seeds": study.settings["seeds"], "test_images": results.test_images,
-               "level": results.level, "verdicts": _plain(verdicts), "figures": figs, "adaptive": adaptive,
+               "level": results.level, "verdicts": _plain(verdicts), "reading_verdicts": _plain(readings),
+               "figures": figs, "adaptive": adaptive,
                "missing": [f"{r.table}/{r.row}/{r.metric}" for r in cells if r.ours.state == "missing"],
                "stale": sorted(results.stale), "machine": (results.benchmark or {}).get("machine"),
                "incomplete": results.incomplete,
@@ -495,7 +576,8 @@ def write_report(study: Study, out: Path, links=None, wall_time_s: float | None 
     regime_md = regime.regime_markdown(study, regimes, regime.guideline_regimes(study, regimes, results.seed_runs))
     _write_text(out / "tables" / "regime.csv", regime.regime_csv(regimes))
     _write_text(out / "tables" / "regime.md", regime_md)
-    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s, regime_md))
+    _write_text(out / "README.md", _index(study, results, md_tables, f1, verdicts, figs, wall_time_s, regime_md,
+                                          readings_markdown(study, readings)))
     return {**summary, "tables": tables}
 
 
@@ -581,7 +663,8 @@ def loss_terms_markdown(study: Study, results: Results) -> str:
              "with its share of the total, first seed. KD is DeiT's soft term (summed KL ÷ numel of the logits, "
              "× τ²), so it is per logit; the imitation terms are squared errors summed over C·H·W and the chosen "
              "blocks and averaged over the batch (`mi.feature_reduction: sample_sum`; L_rel: `mi.rel_reduction`), "
-             "then × λ. A term whose window closes within the epoch counts 0 on the steps after it.", "",
+             "then × λ (a run `--<reading>` of an open point: that reading's reduction and weights). A term whose "
+             "window closes within the epoch counts 0 on the steps after it.", "",
              "| run | " + " | ".join(LOSS_TERMS.values()) + " |", "|---|" + "---|" * len(LOSS_TERMS)]
     first_seed = study.settings["seeds"][0]
     shown = 0
@@ -628,7 +711,7 @@ def _onnx_section(bench: dict) -> list[str]:
 
 
 def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdicts: list[dict],
-           figs: list[str], wall_time_s: float | None, regime_md: str = "") -> str:
+           figs: list[str], wall_time_s: float | None, regime_md: str = "", readings_md: str = "") -> str:
     meta = _maybe_json(study.data_dir / "meta.json") or {}
     train_time = sum((_maybe_json(study.run_dir(r) / "metrics.json") or {}).get("train_wall_time_s", 0)
                      for r in results.evals)
@@ -689,7 +772,8 @@ def _index(study: Study, results: Results, md_tables: list[str], f1: str, verdic
                          + (f"{iv.mde:.2f} | {iv.seeds} × {iv.n:,}" if iv else f"{MISSING} | {MISSING}")
                          + f" | {_seeds_needed(iv, d['paper'], results)} | {fmt_delta(d['paper'], 'top1')} | {votes} |")
         lines.append("")
-    lines += [regime_md, "## Tables", ""] + md_tables + ["### F1: latency breakdown of a 12-layer ViT-B", "", f1]
+    lines += [readings_md, regime_md, "## Tables", ""] + md_tables
+    lines += ["### F1: latency breakdown of a 12-layer ViT-B", "", f1]
     lines += _onnx_section(bench) + ["## Figures", ""]
     for f in figs:
         lines += [f"![{f}](figures/{f}.png)", ""]

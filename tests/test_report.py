@@ -353,3 +353,27 @@ def test_training_regime_flags_runs_still_improving(study):
     write_report(study, study.report_dir)
     rows = {r["run"]: r for r in csv.DictReader(open(study.report_dir / "tables" / "regime.csv"))}
     assert rows["pooling-ce"]["still_improving"] == "False"
+
+
+def test_verdicts_under_each_reading(tmp_path, monkeypatch):
+    """The readings profile's table: guideline 3 contradicted under the study's reading of the imitation weights and
+    supported under `mean`; guideline 1 reads no imitation run, so it is not under that point but under KD's."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study("readings", check_data=False, overrides={"seeds": [0, 1]})
+    changes = {"affine-mi-feat80-rel20-l4": 60.0, "affine-mi-feat80-rel20-l4--mean": 90.0}
+    fake_results(study, paper_like(changes), seed_sd=0.3, jitter=0.05, skip=())
+    summary = write_report(study, study.report_dir)
+    rows = {(item["guideline"], item["point"], row["reading"]): row
+            for item in summary["reading_verdicts"] for row in item["rows"]}
+    study_row = rows[3, "mi-weights", "sample-sum"]
+    assert study_row["verdict"] == "contradicted" and study_row["study"]
+    assert rows[3, "mi-weights", "mean"]["verdict"] == "supported"
+    assert (1, "mi-weights", "mean") not in rows and (1, "kd", "deit-paper") in rows
+    g3 = {v["guideline"]: v for v in summary["verdicts"]}[3]["verdict"]
+    assert g3 == study_row["verdict"]  # the study's reading is the main verdict
+    readme = (study.report_dir / "README.md").read_text()
+    assert "## Verdicts under each reading" in readme
+    assert "- **3**: depends on the reading: contradicted under the study's readings" in readme
+    table = list(csv.DictReader(open(study.report_dir / "tables" / "readings.csv")))
+    assert {r["reading"] for r in table if r["point"] == "mi-weights"} == {"sample-sum", "mean", "per-batch",
+                                                                            "balanced"}
