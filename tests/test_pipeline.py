@@ -249,6 +249,7 @@ train:
   optim: {{epochs: 1, warmup_epochs: 0}}
 teacher_train: {{}}
 mi_lambdas: {{}}
+readings: {{}}
 runs: {{pooling-width-cut: {{model_kwargs: {{dims: [14, 28, 56, 112]}}}}}}
 seeds: [0]
 evaluate: {{}}

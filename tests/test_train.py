@@ -1,5 +1,6 @@
 """The training engine: learning, reproducibility, resume after SIGKILL, MLflow, teachers, partial loading."""
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -240,6 +241,29 @@ def test_student_with_two_teachers_and_every_term(small_fashion_mnist, tmp_path,
     train(cfg, tmp_path / "poisoned", experiment="test-train", progress=False, cache_dir=tmp_path / "cache")
     h = json.loads((tmp_path / "poisoned" / "history.json").read_text())
     assert h[0]["train/kd_soft"] != history[0]["train/kd_soft"]
+
+    # mi.weights balanced: each imitation term equals the soft-KD term at the first step (so their first-epoch means
+    # are close), the factors are recorded, and a run stopped after epoch 1 resumes with them (not rebalanced)
+    bal = dataclasses.replace(cfg, name="balanced", mi=dataclasses.replace(cfg.mi, weights="balanced", feat_frac=1.0,
+                                                                          rel_frac=1.0))
+    metrics = train(bal, tmp_path / "balanced", experiment="test-train", progress=False)
+    h = json.loads((tmp_path / "balanced" / "history.json").read_text())
+    for term in ("train/mi_in", "train/mi_out", "train/mi_rel"):
+        assert 0.3 < h[0][term] / h[0]["train/kd_soft"] < 3, (term, h[0])
+    assert metrics["mi_lambdas"]["mi_in"] != cfg.mi.lambda_in
+    stop = pipeline.train.print_epoch
+
+    def stop_after_first(*args):
+        stop(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train, "print_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(bal, tmp_path / "balanced-resumed", experiment="test-train", progress=False)
+    monkeypatch.setattr(pipeline.train, "print_epoch", stop)
+    again = train(bal, tmp_path / "balanced-resumed", experiment="test-train", progress=False)
+    h2 = json.loads((tmp_path / "balanced-resumed" / "history.json").read_text())
+    assert again["mi_lambdas"] == metrics["mi_lambdas"] and h2[1]["train/mi_in"] == h[1]["train/mi_in"]
 
 
 def _train_logged(cfg, out, capsys):
