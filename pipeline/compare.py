@@ -43,7 +43,7 @@ class Comparison:
     """What a comparison found: per table, the differing cells (kind, line) and the cells not compared (reason)."""
     reference: Path
     tables: dict[str, dict] = field(default_factory=dict)  # name -> {"compared": n, "diffs": [...], "skipped": {}}
-    verdicts: list[tuple[int, str | None, str | None]] = field(default_factory=list)  # (guideline, fresh, ref)
+    verdicts: list[tuple[int | str, str | None, str | None]] = field(default_factory=list)  # (guideline, fresh, ref)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,7 +69,7 @@ def _rows(path: Path) -> dict[tuple[str, str], dict]:
 
 
 def _tables(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted((folder / "tables").glob("*.csv")) if p.stem != "regime"}
+    return {p.stem: p for p in sorted((folder / "tables").glob("*.csv")) if p.stem not in ("regime", "readings")}
 
 
 def machine_difference(fresh: dict | None, ref: dict | None) -> str | None:
@@ -197,7 +197,15 @@ def compare_reports(fresh_dir: Path, ref_dir: Path, throughput_rsd: float = 0.16
     fv = {v["guideline"]: v["verdict"] for v in fs.get("verdicts", [])}
     rv = {v["guideline"]: v["verdict"] for v in rs.get("verdicts", [])}
     result.verdicts = [(g, fv.get(g), rv.get(g)) for g in sorted(fv.keys() | rv.keys())]
+    # under each reading of an open point (a profile with `readings`): "3 under mi-weights: mean"
+    fr, rr = _reading_verdicts(fs), _reading_verdicts(rs)
+    result.verdicts += [(g, fr.get(g), rr.get(g)) for g in sorted(fr.keys() | rr.keys())]
     return result
+
+
+def _reading_verdicts(summary: dict) -> dict[str, str]:
+    return {f"{item['guideline']} under {item['point']}: {row['reading']}": row["verdict"]
+            for item in summary.get("reading_verdicts", []) for row in item["rows"] if not row["study"]}
 
 
 def _missing_seed_sd(fs: dict, rs: dict, fallback: float | None, notes: list[str]) -> float:

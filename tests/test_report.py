@@ -3,6 +3,7 @@ a missing and a stale run, the three verdicts, and the comparison with a committ
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,11 @@ def test_verdicts_under_each_reading(tmp_path, monkeypatch):
     table = list(csv.DictReader(open(study.report_dir / "tables" / "readings.csv")))
     assert {r["reading"] for r in table if r["point"] == "mi-weights"} == {"sample-sum", "mean", "per-batch",
                                                                             "balanced"}
+    # compare checks the verdicts under each reading too: a reading whose verdict moved is a difference
+    shutil.copytree(study.report_dir, tmp_path / "reference")
+    assert compare_reports(study.report_dir, tmp_path / "reference").verdict() == "reproduced"
+    fake_results(study, paper_like({**changes, "affine-mi-feat80-rel20-l4--mean": 60.0}), seed_sd=0.3, jitter=0.05,
+                 skip=())
+    write_report(study, study.report_dir)
+    moved = compare_reports(study.report_dir, tmp_path / "reference")
+    assert moved.verdict() == "differs" and ("3 under mi-weights: mean", "contradicted", "supported") in moved.verdicts
