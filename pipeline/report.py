@@ -475,8 +475,9 @@ def readings_markdown(study: Study, readings: list[dict]) -> str:
         if not verdicts:
             lines.append(f"- **{g['id']}**: no open point of this profile changes its deciding runs.")
         elif len(set(verdicts.values())) == 1:
+            others = len(verdicts) - 1
             lines.append(f"- **{g['id']}**: {next(iter(verdicts.values()))} under every reading (the study's and "
-                         f"{len(verdicts) - 1} others).")
+                         f"{others} other{'s' * (others != 1)}).")
         else:
             by = {}
             for (point, reading), v in verdicts.items():
