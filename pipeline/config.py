@@ -82,8 +82,8 @@ class MICfg:
     feature_reduction: str = "sample_sum"  # L'_in, L_out: sum over C,H,W, mean over batch (Table 10 reading)
     rel_reduction: str = "mean"          # L_rel: 1/(N*H^2*W^2), the stated normaliser
     # how the lambdas apply (Table 10 prints "lambda x batch size"): as_printed; per_batch (each lambda / the
-    # global batch size); balanced (each term's lambda rescaled at the first optimizer step so that its weighted
-    # value equals the logit terms' at that step)
+    # global batch size; L_rel's too); balanced (each term's lambda rescaled at the first optimizer step so that
+    # its weighted value equals the sum of the other terms there: soft KD, and CE where labels are used)
     weights: str = "as_printed"
 
     @property
@@ -270,6 +270,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         (mi.feature_reduction in ("mean", "sample_sum") and mi.rel_reduction in ("mean", "sample_sum"),
          "mi.feature_reduction and mi.rel_reduction must be mean or sample_sum"),
         (mi.pick in ("last", "first"), f"mi.pick must be last or first, got {mi.pick!r}"),
+        (mi.pick == "last" or mi.blocks is None, "mi.pick has no effect where mi.blocks names the blocks"),
         (mi.weights in MI_WEIGHTS, f"mi.weights must be one of {', '.join(MI_WEIGHTS)}, got {mi.weights!r}"),
         (all(0 <= t <= 1 for t in (u.head_target, u.block_target, u.patch_target)),
          "usage targets must be kept fractions in [0, 1]"),

@@ -33,9 +33,10 @@ ALIAS = "best"
 
 
 def best_variant(study, runs: list[str]) -> str:
-    """The exported variant with the highest mean deploy top-1 over its seeds (its first seed's run)."""
+    """The exported variant with the highest mean deploy top-1 over its seeds (its first seed's run); a run under
+    another reading of an open point (`<variant>--<reading>`) is a comparison, not a candidate."""
     by_variant: dict[str, list[float]] = {}
-    for run in runs:
+    for run in (r for r in runs if study.variant_of(r) not in study.reading_runs):
         by_variant.setdefault(study.variant_of(run), []).append(read_json(study.eval_path(run))["test_top1"])
     return max(by_variant, key=lambda v: statistics.mean(by_variant[v]))
 

@@ -111,7 +111,7 @@ class ModuleImitation:
     steps (80/120 and 20/120 epochs in the paper), at any run length.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, total_steps: int, batch_size: int = 1):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, total_steps: int, batch_size: int | None = None):
         """`cfg`: the training config's `mi` section (pipeline/config.py:MICfg); its windows are fractions of the
         run's `total_steps` optimizer steps; its blocks are `cfg.blocks`, else `default_blocks(.., cfg.layers,
         cfg.pick)`; `batch_size`: the global batch, which `cfg.weights: per_batch` divides each lambda by."""
@@ -129,6 +129,8 @@ class ModuleImitation:
         self.teacher = _Capture([t_blocks[i] for i in blocks])
         self.lambdas = {"mi_in": cfg.lambda_in, "mi_out": cfg.lambda_out, "mi_rel": cfg.lambda_rel}
         if cfg.weights == "per_batch":
+            if not batch_size:
+                raise ValueError("mi.weights per_batch needs the global batch size")
             self.lambdas = {k: v / batch_size for k, v in self.lambdas.items()}
         # `balanced`: each term's factor on its lambda, set by balance() at the first step (saved with checkpoints)
         self.weights, self.scales = cfg.weights, None

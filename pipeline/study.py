@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -293,7 +294,12 @@ class Study:
         values = deep_merge(train, self.settings["teacher_train"] if role == "teacher" else {})
         values = deep_merge(values, {"model": model["name"], "model_kwargs": model.get("kwargs", {})})
         values = deep_merge(values, spec)
-        values = deep_merge(values, self.settings["runs"].get(self.variant_of(run), {}))
+        variant = self.variant_of(run)
+        if variant in self.reading_runs:  # the base's profile override, then the reading, then its own override
+            base, point, reading = self.reading_runs[variant]
+            values = deep_merge(values, self.settings["runs"].get(base, {}))
+            values = deep_merge(values, self.points[point]["readings"][reading].get("set") or {})
+        values = deep_merge(values, self.settings["runs"].get(variant, {}))
         mi = values.setdefault("mi", {})
         if mi.get("teacher"):
             for k, v in self.settings["mi_lambdas"].items():
@@ -370,15 +376,16 @@ def deciding_variants(study: Study) -> list[str]:
     """The runs (teachers and variants) the guidelines' voting deltas read, with the runs they need first (their
     teachers, imitation teachers and initialisations), in study.yaml's order."""
     specs = {**study.teachers, **study.variants}
-    todo = [_cell_run(study, ref) for g in study.guidelines for d in g.get("vote", [])
+    refs = [ref for g in study.guidelines for d in g.get("vote", [])
             for ref in as_list(d.get("plus")) + as_list(d.get("minus"))]
+    todo = [_cell_run(study, ref) for ref in refs] + [_reference_run(study, ref) for ref in refs]
     names = set()
     while todo:
         name = todo.pop()
         if name in specs and name not in names:
             names.add(name)
             spec = specs[name]
-            todo += [(spec.get(sec) or {}).get(key) if sec else spec.get(key) for sec, key in INPUT_KEYS]
+            todo += _inputs(spec)
     return [n for n in specs if n in names]
 
 
@@ -392,9 +399,15 @@ def apply_readings(study: Study, definitions: dict) -> list[str]:
     if unknown:
         return [f"params/{study.profile}.yaml readings.points: unknown point(s) {unknown} (study.yaml readings: "
                 f"{', '.join(definitions)})"]
+    errors = _reading_definition_errors(definitions)
+    if errors:
+        return errors
     deciding = deciding_variants(study)
     if section["variants"] == "deciding":
         keep = set(deciding)
+        # the profile's overrides of runs it does not train are dropped with them (a name of no run stays an error)
+        study.settings["runs"] = {k: v for k, v in study.settings["runs"].items()
+                                  if k in keep or k not in study.teachers | study.variants}
         study.teachers = {k: v for k, v in study.teachers.items() if k in keep}
         study.variants = {k: v for k, v in study.variants.items() if k in keep}
         tables = {}
@@ -408,31 +421,78 @@ def apply_readings(study: Study, definitions: dict) -> list[str]:
         for g in study.guidelines:
             g["show"] = [d for d in g.get("show", []) if all(
                 _cell_run(study, ref) in keep for ref in as_list(d.get("plus")) + as_list(d.get("minus")))]
-    errors = []
-    names = [r for spec in definitions.values() for r in spec.get("readings", {})]
-    errors += [f"study.yaml readings: reading name {r!r} used twice (names are the suffix of a run's name)"
-               for r in sorted({r for r in names if names.count(r) > 1})]
-    errors += [f"study.yaml readings: reading name {r!r} contains {READING_SEP!r}" for r in names if READING_SEP in r]
-    errors += [f"study.yaml readings.{p}: its study reading {spec.get('study')!r} is not one of its readings"
-               for p, spec in definitions.items() if spec.get("study") not in spec.get("readings", {})]
-    if errors:
-        return errors
     for point in section["points"]:
         spec = definitions[point]
         study.points[point] = spec
-        applies = APPLIES_TO.get(spec.get("applies_to"))
-        if applies is None:
-            errors.append(f"study.yaml readings.{point}.applies_to: one of {', '.join(APPLIES_TO)}")
-            continue
-        for reading, r in spec["readings"].items():
+        applies = APPLIES_TO[spec["applies_to"]]
+        changed = [v for v in deciding if v in study.variants and applies(study.variants[v])]
+        for reading in spec["readings"]:
             if reading == spec["study"]:
                 continue
-            for variant in deciding:
-                if variant in study.variants and applies(study.variants[variant]):
-                    name = f"{variant}{READING_SEP}{reading}"
-                    study.variants[name] = deep_merge(study.variants[variant], r.get("set") or {})
-                    study.reading_runs[name] = (variant, point, reading)
+            for variant in changed:
+                name = f"{variant}{READING_SEP}{reading}"
+                if name in study.variants:
+                    errors.append(f"study.yaml readings.{point}.{reading}: run name {name!r} is already a variant")
+                    continue
+                inputs = [v for v in changed if v in _inputs(study.variants[variant])]
+                if inputs:
+                    errors.append(f"study.yaml readings.{point}.{reading}: variant {variant!r} reads {inputs}, which "
+                                  f"the reading changes too (a reading variant reads its base's inputs)")
+                study.variants[name] = copy.deepcopy(study.variants[variant])  # the reading's set: run_values
+                study.reading_runs[name] = (variant, point, reading)
     return errors
+
+
+READING_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+
+
+def _reading_definition_errors(definitions: dict) -> list[str]:
+    """Every problem of study.yaml's `readings`, whichever points a profile runs."""
+    errors = []
+    names = [r for spec in definitions.values() for r in (spec.get("readings") or {})]
+    errors += [f"study.yaml readings: reading name {r!r} used twice (names are the suffix of a run's name)"
+               for r in sorted({r for r in names if names.count(r) > 1})]
+    errors += [f"study.yaml readings: name {n!r} must be lower-case words joined by single hyphens"
+               for n in list(definitions) + names if not READING_NAME.fullmatch(n)]
+    for point, spec in definitions.items():
+        where = f"study.yaml readings.{point}"
+        if spec.get("applies_to") not in APPLIES_TO:
+            errors.append(f"{where}.applies_to: one of {', '.join(APPLIES_TO)}, got {spec.get('applies_to')!r}")
+        if not spec.get("text") or any(not (r or {}).get("text") for r in (spec.get("readings") or {}).values()):
+            errors.append(f"{where}: the point and each of its readings need a `text` (how it follows from the paper)")
+        if spec.get("study") not in (spec.get("readings") or {}):
+            errors.append(f"{where}: its study reading {spec.get('study')!r} is not one of its readings")
+        elif (spec["readings"][spec["study"]] or {}).get("set"):
+            errors.append(f"{where}.{spec['study']}: the study's own reading sets nothing (the study's runs are it)")
+        errors += [f"{where}.{r}: no `set` (it would train its base variant again)"
+                   for r, v in (spec.get("readings") or {}).items()
+                   if r != spec.get("study") and not (v or {}).get("set")]
+    return errors
+
+
+def _inputs(spec: dict) -> list:
+    """The values of a run spec's input keys (teachers, init): run names where they name runs."""
+    return [(spec.get(sec) or {}).get(key) if sec else spec.get(key) for sec, key in INPUT_KEYS]
+
+
+def _reading_errors(study: Study) -> list[str]:
+    """A reading variant must train something its base does not: same resolved config, same run twice."""
+    def own(run):
+        return {k: v for k, v in study.run_values(run).items() if k not in ("name", "variant", "tables")}
+    return [f"study.yaml readings.{point}.{reading}: changes nothing in variant {base!r} (its config already says so)"
+            for name, (base, point, reading) in study.reading_runs.items() if own(name) == own(base)]
+
+
+def _reference_run(study: Study, ref: str) -> str | None:
+    """The run of the reference row of a cell's table (the row's own `reference`, else the table's): a table keeps
+    a row only with its reference row."""
+    table, row, metric = (ref.split("/") + ["top1"])[:3]
+    spec = study.tables.get(table, {})
+    for r in spec.get("rows", []):
+        if r["row"] == row and r.get("metric", "top1") == metric:
+            reference = r.get("reference", spec.get("reference"))
+            return next((x.get("run") for x in spec["rows"] if x["row"] == reference and x.get("run")), None)
+    return None
 
 
 def _cell_run(study: Study, ref: str) -> str | None:
@@ -447,7 +507,7 @@ def _semantic_errors(study: Study, check_data: bool, after_schema_errors: bool =
     guidelines, configs (unknown keys, types, ranges, input files), data. A check that a schema error keeps from
     running (a value of the wrong type) is left out; its problem is already listed."""
     errors = []
-    checks = [_name_errors, _table_errors, _guideline_errors, lambda s: _config_errors(s, check_data)]
+    checks = [_name_errors, _table_errors, _guideline_errors, _reading_errors, lambda s: _config_errors(s, check_data)]
     if check_data:
         checks.append(_data_errors)
     for check in checks:

@@ -168,3 +168,30 @@ def test_guideline_errors(params, update, message):
     edit(params / "study.yaml", update)
     with pytest.raises(StudyError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_study("default", check_data=False, params=params)
+
+
+def test_readings_are_checked_and_resolved_in_order():
+    """A profile's override of a variant reaches its reading variants, under the reading's own keys; a reading that
+    changes nothing, or a badly named or empty one, is an error; `variants: deciding` drops the overrides of the runs
+    it does not train."""
+    on = {"readings": {"points": ["mi-weights"], "variants": "deciding"}}
+    study = load_study("smoke", check_data=False,
+                       overrides={**on, "runs": {"affine-mi-partial": {"mi": {"lambda_in": 2.0e-4}}}})
+    cfg = study.run_config("affine-mi-partial--per-batch")
+    assert cfg.mi.lambda_in == 2.0e-4 and cfg.mi.weights == "per_batch"
+    assert "pooling-width-cut" not in study.runs and "pooling-width-cut" not in study.settings["runs"]
+    with pytest.raises(StudyError, match="readings.mi-weights.mean: changes nothing in variant 'affine-mi-partial'"):
+        load_study("smoke", check_data=False,
+                   overrides={**on, "runs": {"affine-mi-partial": {"mi": {"feature_reduction": "mean"}}}})
+
+
+@pytest.mark.parametrize("update,message", [
+    (lambda d: d["readings"]["kd"]["readings"].update({"Deit--X": {"text": "t", "set": {"kd": {"tau": 2.0}}}}),
+     "name 'Deit--X' must be lower-case words"),
+    (lambda d: d["readings"]["kd"]["readings"]["deit-paper"].pop("set"), "readings.kd.deit-paper: no `set`"),
+    (lambda d: d["readings"]["kd"].update(applies_to="everything"), "readings.kd.applies_to: one of"),
+])
+def test_reading_definition_errors(params, update, message):
+    edit(params / "study.yaml", update)
+    with pytest.raises(StudyError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_study("default", check_data=False, params=params)
