@@ -157,15 +157,18 @@ def test_benchmark_record_carries_the_precision_policy():
 
 
 def test_compare_reads_a_report_without_the_precision_as_fp32():
-    """The committed report (its machine has no precision: CPU float32) reads as fp32, so that it compares with a
-    fresh fp32 report as before, and not with a bf16 one; a GPU record from before the policy is no policy's."""
+    """A report from before the precision policy (its machine has no precision: CPU float32) reads as fp32, so that it
+    compares with a fresh fp32 report as before, and not with a bf16 one; a GPU record from before the policy is no
+    policy's."""
     from pipeline.compare import machine_difference
     from pipeline.io import read_json
     from pipeline.measure import throughput_precision
     from pipeline.publish import REPORTS
 
-    old = read_json(REPORTS / "default" / "summary.json")["machine"]
-    assert "precision" not in old and throughput_precision(old) == "fp32"
+    committed = read_json(REPORTS / "default" / "summary.json")["machine"]
+    assert committed.get("precision", "fp32") == "fp32"
+    old = {k: v for k, v in committed.items() if k != "precision"}  # as an older report records it
+    assert throughput_precision(old) == "fp32"
     assert machine_difference({**old, "precision": "fp32"}, old) is None
     assert machine_difference({**old, "precision": "bf16"}, old) == "precision fp32 vs bf16"
     gpu = {**old, "gpu": "NVIDIA A100"}
