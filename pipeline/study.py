@@ -393,7 +393,8 @@ def apply_readings(study: Study, definitions: dict) -> list[str]:
     """The profile's `readings` section applied to `study`: with `variants: deciding`, only the runs the guidelines'
     votes read (tables keep the rows of those runs, guidelines the `show` deltas they can compute); for each point
     of `points`, each of its readings but the study's own adds a variant `<variant>--<reading>` of every deciding
-    variant it applies to (the variant's spec with the reading's `set` merged over it). Problems are returned."""
+    variant it applies to (`applies_to`, judged on study.yaml's spec), whose config is the variant's with the reading's
+    `set` over it (run_values). Problems are returned."""
     section = study.settings["readings"]
     unknown = [p for p in section["points"] if p not in definitions]
     if unknown:
