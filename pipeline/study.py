@@ -487,13 +487,14 @@ def _reading_errors(study: Study) -> list[str]:
 def _reference_run(study: Study, ref: str) -> str | None:
     """The run of the reference row of a cell's table (the row's own `reference`, else the table's): a table keeps
     a row only with its reference row."""
-    table, row, metric = (ref.split("/") + ["top1"])[:3]
-    spec = study.tables.get(table, {})
-    for r in spec.get("rows", []):
-        if r["row"] == row and r.get("metric", "top1") == metric:
-            reference = r.get("reference", spec.get("reference"))
-            return next((x.get("run") for x in spec["rows"] if x["row"] == reference and x.get("run")), None)
-    return None
+    try:
+        table, row, metric, _ = study.cell(ref)
+    except StudyError:
+        return None
+    rows = study.tables[table]["rows"]
+    cell = next(r for r in rows if r["row"] == row and r.get("metric", "top1") == metric)
+    reference = cell.get("reference", study.tables[table].get("reference"))
+    return next((r["run"] for r in rows if r["row"] == reference and r.get("run")), None)
 
 
 def _cell_run(study: Study, ref: str) -> str | None:
